@@ -1,0 +1,29 @@
+# Two commands: `make run` (the default job) and `make test` (the whole suite).
+# Each creates .venv and installs what it needs; torch is pinned to the CPU wheel that
+# lies on local disk so no multi-GB CUDA build is pulled on a machine without a GPU.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: run test lint bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/secateurs run $(ARGS)
+
+test: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests bench
+	$(PY) -m pytest -n 2 -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,111 @@
+"""The ``secateurs`` command line: run, sweep, sensitivity, inspect.
+
+A user error (bad config value, unknown key, missing file, a file that is not a checkpoint) is
+printed as one line on stderr with exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from secateurs.errors import SecateursError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Gradient clipping and neural-network pruning for PyTorch.",
+)
+
+
+def _keys_epilog() -> str:
+    from secateurs.experiment.config import describe_keys
+
+    rows = [f"{key} (default {default}): {desc}" for key, default, desc in describe_keys()]
+    return "Config keys (TOML tables, or --set key=value):\n\n" + "\n\n".join(rows)
+
+
+def user_errors(fn: F) -> F:
+    """Turn SecateursError (and a clean Ctrl-C) into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SecateursError as exc:
+            typer.echo(f"secateurs: error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:  # an output folder that cannot be written, a full disk
+            name = f" {exc.filename!r}" if exc.filename else ""
+            typer.echo(f"secateurs: error: cannot write{name}: {exc.strerror or exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+ConfigArg = Annotated[str | None, typer.Argument(help="TOML config file (defaults apply to every key it leaves out)")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override one key: --set prune.sparsity=0.8 (repeatable)")]
+
+
+def _default_out() -> Path:
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+@app.command(epilog=_keys_epilog())
+@user_errors
+def run(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="output folder (default runs/<timestamp>)")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="continue the run in this folder from its last epoch")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+) -> None:
+    """Train dense with clipping, prune, fine-tune, evaluate, and write a report."""
+    from secateurs.experiment import run as runner
+    from secateurs.experiment.config import load_config
+
+    if resume is not None:
+        if config is not None or set_:
+            raise SecateursError("--resume: takes no CONFIG or --set; the run's own config.toml is used")
+        try:
+            report = runner.resume(resume, progress=not quiet)
+        except runner.Interrupted:
+            typer.echo(f"secateurs: interrupted; resume with: secateurs run --resume {resume}", err=True)
+            raise typer.Exit(130) from None
+        out = resume
+    else:
+        cfg = load_config(config, set_ or ())
+        out = out or _default_out()
+        try:
+            report = runner.start(cfg, out, progress=not quiet)
+        except runner.Interrupted:
+            typer.echo(f"secateurs: interrupted; resume with: secateurs run --resume {out}", err=True)
+            raise typer.Exit(130) from None
+    d, f = report["dense"], report["final"]
+    typer.echo(
+        f"dense accuracy {d['accuracy']:.4f} -> final {f['accuracy']:.4f} at sparsity {f['sparsity']:.3f}; "
+        f"checkpoint {d['checkpoint_bytes']:,} -> {f['checkpoint_bytes']:,} bytes; "
+        f"{report['wall_seconds']:.1f} s; wrote {out}/"
+    )
+
+
+def main() -> None:
+    """Console entry point (also ``python -m secateurs``)."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("secateurs: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

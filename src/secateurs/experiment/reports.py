@@ -1,0 +1,181 @@
+"""What a run leaves behind for a person: report.json, report.md, accuracy.png, grad_norm.png."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from secateurs import clip, measure, prune
+from secateurs.experiment.config import RunConfig
+from secateurs.experiment.data import Dataset
+from secateurs.serialization import atomic_write_bytes, atomic_write_text
+
+REPORT_KEYS = (
+    "dataset", "model", "seed", "world_size", "dense", "final", "clip", "prune", "history", "wall_seconds",
+)
+
+
+def cost(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
+    """MACs, parameter count and CPU latency (median ms of 30 runs) of ``model`` on ``example``."""
+    return {
+        "macs": measure.count_macs(model, example),
+        "latency_ms": measure.measure_latency(model, example, runs=30),
+    }
+
+
+@dataclass
+class _PhaseBar:
+    progress: Progress | None
+    task: Any
+    phase: str
+
+    def advance(self, row: Mapping[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress.update(
+                self.task,
+                advance=1,
+                status=f"loss {row['loss']:.3f}  val acc {row['val_accuracy']:.3f}  sparsity {row['sparsity']:.2f}",
+            )
+
+
+class _Bars:
+    def __init__(self, progress: Progress | None):
+        self.progress = progress
+
+    def phase(self, name: str, total: int, *, completed: int = 0) -> _PhaseBar:
+        if self.progress is None:
+            return _PhaseBar(None, None, name)
+        task = self.progress.add_task(name, total=total, completed=completed, status="")
+        return _PhaseBar(self.progress, task, name)
+
+
+@contextmanager
+def progress_bars(enabled: bool) -> Iterator[_Bars]:
+    """One rich progress bar per phase (dense, prune, finetune), on stderr."""
+    if not enabled:
+        yield _Bars(None)
+        return
+    progress = Progress(
+        TextColumn("[bold]{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("{task.fields[status]}"),
+    )
+    with progress:
+        yield _Bars(progress)
+
+
+def build_report(
+    *,
+    cfg: RunConfig,
+    data: Dataset,
+    model: nn.Module,
+    example: torch.Tensor,
+    targets: Mapping[str, int],
+    dense: Mapping[str, Any],
+    final_accuracy: float,
+    final_val_accuracy: float,
+    checkpoint_bytes: int,
+    log: clip.ClipLog,
+    history: Sequence[Mapping[str, Any]],
+    wall_seconds: float,
+    world_size: int = 1,
+) -> dict[str, Any]:
+    """The report.json dictionary (accuracies are fractions in [0, 1])."""
+    params = dict(model.named_parameters())
+    target_total = sum(targets.values())
+    target_zeros = sum(int((params[name] == 0).sum()) for name in targets if name in params)
+    all_params = sum(p.numel() for p in params.values())
+    nonzero = sum(int(p.count_nonzero()) for p in params.values())
+    layers = prune.sparsity_report(model, example).to_dict()
+    return {
+        "dataset": data.name,
+        "model": cfg.model.name,
+        "seed": cfg.seed,
+        "world_size": world_size,
+        "dense": dict(dense),
+        "final": {
+            "accuracy": final_accuracy,
+            "val_accuracy": final_val_accuracy,
+            "sparsity": target_zeros / target_total if target_total else 0.0,
+            "params": all_params,
+            "nonzero_params": nonzero,
+            "compression_ratio": dense["params"] / max(nonzero, 1),
+            "checkpoint_bytes": checkpoint_bytes,
+            **cost(model, example),
+        },
+        "clip": {
+            "method": cfg.clip.method,
+            "params": cfg.clip.params(),
+            "clipped_steps": log.clipped_steps,
+            "skipped_steps": log.skipped_steps,
+            "total_steps": log.total_steps,
+        },
+        "prune": {
+            "kind": cfg.prune.kind,
+            "criterion": cfg.prune.criterion,
+            "scope": cfg.prune.scope,
+            "schedule": cfg.prune.schedule,
+            "target_sparsity": cfg.prune.sparsity,
+            "pattern": cfg.prune.pattern,
+            "layers": layers,
+        },
+        "history": list(history),
+        "wall_seconds": wall_seconds,
+    }
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    """report.md: the before/after table, clipping, and per-layer sparsity."""
+    d, f, c, p = report["dense"], report["final"], report["clip"], report["prune"]
+    lines = [
+        f"# secateurs run: {report['model']} on {report['dataset']} (seed {report['seed']})",
+        "",
+        f"Pruning: {p['kind']}, criterion `{p['criterion']}`, scope {p['scope']}, schedule {p['schedule']}, "
+        f"target sparsity {p['target_sparsity']}" + (f", pattern {p['pattern']}" if p.get("pattern") else "") + ".",
+        f"Clipping: `{c['method']}` {c['params'] or ''}; clipped {c['clipped_steps']} of {c['total_steps']} steps, "
+        f"skipped {c['skipped_steps']} non-finite steps.",
+        "",
+        "| | dense | final | change |",
+        "| --- | ---: | ---: | ---: |",
+        f"| test accuracy | {_pct(d['accuracy'])} | {_pct(f['accuracy'])} | {100 * (f['accuracy'] - d['accuracy']):+.2f} pts |",
+        f"| parameters | {d['params']:,} | {f['params']:,} | |",
+        f"| non-zero parameters | {d['params']:,} | {f['nonzero_params']:,} | {f['compression_ratio']:.1f}x fewer |",
+        f"| prunable weights at zero | 0.00% | {_pct(f['sparsity'])} | |",
+        f"| MACs | {d['macs']:,} | {f['macs']:,} | {d['macs'] / max(f['macs'], 1):.2f}x fewer |",
+        f"| checkpoint bytes | {d['checkpoint_bytes']:,} | {f['checkpoint_bytes']:,} | {d['checkpoint_bytes'] / max(f['checkpoint_bytes'], 1):.1f}x smaller |",
+        f"| CPU latency (ms, batch {32}) | {d['latency_ms']:.3f} | {f['latency_ms']:.3f} | |",
+        "",
+        "Masks do not make dense kernels faster: latency falls only with structured pruning.",
+        "",
+        "## Per-layer sparsity",
+        "",
+        "| layer | shape | params | zeros | sparsity |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for layer in p["layers"]["layers"]:
+        lines.append(
+            f"| {layer['name']} | {'x'.join(map(str, layer['shape']))} | {layer['params']:,} | {layer['zeros']:,} | {_pct(layer['sparsity'])} |"
+        )
+    lines += ["", f"Wall time: {report['wall_seconds']:.1f} s.", ""]
+    return "\n".join(lines)
+
+
+def write_all(out: Path, report: Mapping[str, Any], log: clip.ClipLog, history: Sequence[Mapping[str, Any]]) -> None:
+    """Write report.json, report.md and both plots into ``out`` (each atomically)."""
+    from secateurs.experiment import plots
+
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "report.md", markdown(report))
+    atomic_write_bytes(out / "accuracy.png", plots.accuracy_png(history))
+    atomic_write_bytes(out / "grad_norm.png", plots.grad_norm_png(log))

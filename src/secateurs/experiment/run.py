@@ -1,0 +1,311 @@
+"""``secateurs run``: train dense, prune on a schedule, fine-tune, evaluate, report.
+
+A run is a sequence of epochs in three phases (dense, prune, finetune). After every epoch the
+whole state (model, optimizer, pruner and schedule, clip rule and log, history, RNG) is written
+atomically to ``checkpoint.safetensors``, so ``secateurs run --resume DIR`` continues a run that
+was killed at any moment and ends with the same weights and report, bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as st_save
+from torch import nn
+
+from secateurs import clip, prune
+from secateurs.errors import SecateursError
+from secateurs.experiment import reports
+from secateurs.experiment.config import RunConfig, to_toml
+from secateurs.experiment.data import Dataset, batches, load_dataset
+from secateurs.experiment.models import build_model
+from secateurs.experiment.train import accuracy, cross_entropy, make_optimizer, train_epoch
+from secateurs.serialization import atomic_write_bytes, atomic_write_text, load_state, save_state
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+class Interrupted(Exception):
+    """Ctrl-C arrived; the run stopped after a whole step and can be resumed."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    epochs: int
+
+
+@dataclass
+class RunState:
+    """What a checkpoint holds beyond the tensors of model, optimizer and rules."""
+
+    epoch: int = 0  # epochs completed, over all phases
+    history: list[dict[str, Any]] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+
+
+def phases(cfg: RunConfig) -> list[Phase]:
+    """Dense training, the pruning schedule, then fine-tuning."""
+    out = [Phase("dense", cfg.train.epochs)]
+    if cfg.prune.kind != "none":
+        out += [Phase("prune", cfg.prune.epochs), Phase("finetune", cfg.prune.finetune_epochs)]
+    return [p for p in out if p.epochs > 0]
+
+
+def _phase_at(plan: list[Phase], epoch: int) -> tuple[Phase, int]:
+    start = 0
+    for phase in plan:
+        if epoch < start + phase.epochs:
+            return phase, epoch - start
+        start += phase.epochs
+    raise IndexError(epoch)
+
+
+def _epoch_seed(cfg: RunConfig, epoch: int) -> int:
+    return cfg.seed * 1_000_003 + epoch
+
+
+@contextmanager
+def _stop_on_sigint() -> Iterator[Callable[[], bool]]:
+    """Turn Ctrl-C into a flag the loop reads after each step (main thread only)."""
+    flag = {"stop": False}
+
+    def handler(signum: int, frame: object) -> None:
+        flag["stop"] = True
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        yield lambda: False
+        return
+    try:
+        yield lambda: flag["stop"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class Run:
+    """One configured run writing into ``out``. Use :meth:`execute`."""
+
+    def __init__(self, cfg: RunConfig, out: Path, *, progress: bool = True):
+        self.cfg = cfg
+        self.out = out
+        self.progress = progress
+        self.plan = phases(cfg)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.data: Dataset = load_dataset(cfg.data)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model.name, input_shape=self.data.input_shape, num_classes=self.data.num_classes)
+        self.example = self.data.val.x[:32]
+        self.rule = clip.build(cfg.clip.method, **cfg.clip.params())
+        self.log = clip.ClipLog()
+        self.pruner: prune.Pruner | None = None
+        self.schedule: Any = None
+        if cfg.prune.kind == "unstructured":
+            self.pruner = prune.Pruner(
+                self.model,
+                sparsity=cfg.prune.sparsity,
+                criterion=cfg.prune.criterion,
+                scope=cfg.prune.scope,
+                exclude=tuple(cfg.prune.exclude),
+                per_layer=dict(cfg.prune.per_layer) or None,
+                pattern=cfg.prune.pattern or None,
+            )
+            self.schedule = self._make_schedule(self.pruner)
+        self.optimizer = self._make_optimizer(cfg.train.lr)
+        self.state = RunState()
+
+    # --- construction -------------------------------------------------------------------------
+
+    def _make_schedule(self, pruner: prune.Pruner) -> Any:
+        p = self.cfg.prune
+        if p.schedule == "oneshot":
+            return prune.schedules.OneShot(pruner)
+        if p.schedule == "iterative":
+            return prune.schedules.Iterative(pruner, rounds=p.rounds, finetune_epochs=max(p.epochs // p.rounds, 1))
+        return prune.schedules.AGP(pruner, start=0, end=max(p.epochs - 1, 0), frequency=1)
+
+    def _make_optimizer(self, lr: float) -> clip.ClippedOptimizer:
+        t = self.cfg.train
+        inner = make_optimizer(t.optimizer, self.model.parameters(), lr=lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        if self.pruner is not None:
+            self.pruner.attach(inner)
+        return clip.wrap(inner, self.rule, nonfinite=t.nonfinite, log=self.log)
+
+    def _phase_lr(self, phase: Phase) -> float:
+        if phase.name == "dense":
+            return self.cfg.train.lr
+        return self.cfg.prune.lr or self.cfg.train.lr / 3
+
+    # --- checkpointing -------------------------------------------------------------------------
+
+    def _checkpoint_tree(self) -> dict[str, Any]:
+        return {
+            "epoch": self.state.epoch,
+            "history": self.state.history,
+            "report": json.dumps(self.state.report),
+            "wall_seconds": self.state.wall_seconds,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "clip_rule": self.rule.state_dict() if self.rule is not None else None,
+            "clip_log": self.log.state_dict(),
+            "pruner": self.pruner.state_dict() if self.pruner is not None else None,
+            "schedule": self.schedule.state_dict() if self.schedule is not None else None,
+            "rng": torch.get_rng_state(),
+        }
+
+    def save_checkpoint(self) -> None:
+        save_state(self.out / CHECKPOINT, self._checkpoint_tree())
+
+    def restore(self) -> None:
+        """Load ``checkpoint.safetensors`` from ``out`` into this freshly built run."""
+        tree = load_state(self.out / CHECKPOINT)
+        try:
+            self.model.load_state_dict(tree["model"])
+            if self.pruner is not None:
+                self.pruner.load_state_dict(tree["pruner"])
+            if self.schedule is not None:
+                self.schedule.load_state_dict(tree["schedule"])
+            self.optimizer.load_state_dict(tree["optimizer"])
+            if self.rule is not None:
+                self.rule.load_state_dict(tree["clip_rule"])
+            self.log.load_state_dict(tree["clip_log"])
+            torch.set_rng_state(tree["rng"])
+            self.state = RunState(int(tree["epoch"]), list(tree["history"]), json.loads(tree["report"]), float(tree["wall_seconds"]))
+        except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+            raise SecateursError(f"--resume: {str(self.out / CHECKPOINT)!r} does not match this run's config ({type(exc).__name__}: {exc})") from None
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def _sparsity(self) -> float:
+        if self.pruner is None:
+            return 0.0
+        masks = self.pruner.masks
+        total = sum(m.numel() for m in masks.values())
+        kept = sum(int(m.sum()) for m in masks.values())
+        return 1.0 - kept / total if total else 0.0
+
+    def _prune_tick(self) -> None:
+        assert self.schedule is not None and self.pruner is not None
+        if self.schedule.prunes_next() and self.pruner.requires_data:
+            n = self.cfg.prune.score_batches
+            data = islice(batches(self.data.train, self.cfg.data.batch_size, seed=_epoch_seed(self.cfg, self.state.epoch)), n)
+            self.pruner.score(data, cross_entropy)
+        self.schedule.step()
+
+    def _dense_metrics(self) -> dict[str, Any]:
+        dense_bytes = st_save({k: v.contiguous() for k, v in self.model.state_dict().items()})
+        atomic_write_bytes(self.out / "dense.safetensors", dense_bytes)
+        return {
+            "accuracy": accuracy(self.model, self.data.test),
+            "val_accuracy": accuracy(self.model, self.data.val),
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "checkpoint_bytes": len(dense_bytes),
+            **reports.cost(self.model, self.example),
+        }
+
+    def execute(self, *, resume: bool = False) -> dict[str, Any]:
+        """Run (or continue) every epoch, then write the final model and the reports."""
+        if resume:
+            self.restore()
+        total_epochs = sum(p.epochs for p in self.plan)
+        started = time.perf_counter()
+        with _stop_on_sigint() as should_stop, reports.progress_bars(self.progress) as bars:
+            bar = None
+            while self.state.epoch < total_epochs:
+                phase, local = _phase_at(self.plan, self.state.epoch)
+                if bar is None or bar.phase != phase.name:
+                    bar = bars.phase(phase.name, phase.epochs, completed=local)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = self._phase_lr(phase)
+                if phase.name != "dense" and "dense" not in self.state.report:
+                    self.state.report["dense"] = self._dense_metrics()
+                torch.manual_seed(_epoch_seed(self.cfg, self.state.epoch))
+                if phase.name == "prune" and self.schedule is not None:
+                    self._prune_tick()
+                data = batches(self.data.train, self.cfg.data.batch_size, seed=_epoch_seed(self.cfg, self.state.epoch))
+
+                def after_step() -> None:
+                    if should_stop():
+                        raise Interrupted
+
+                try:
+                    loss = train_epoch(self.model, self.optimizer, data, on_step=after_step)
+                except Interrupted:
+                    self.state.wall_seconds += time.perf_counter() - started
+                    raise
+                self.state.history.append({
+                    "epoch": self.state.epoch + 1,
+                    "phase": phase.name,
+                    "loss": float(loss),
+                    "val_accuracy": accuracy(self.model, self.data.val),
+                    "sparsity": self._sparsity(),
+                })
+                self.state.epoch += 1
+                self.state.wall_seconds += time.perf_counter() - started
+                started = time.perf_counter()
+                self.save_checkpoint()
+                bar.advance(self.state.history[-1])
+        if "dense" not in self.state.report:
+            self.state.report["dense"] = self._dense_metrics()
+        return self._finish(time.perf_counter() - started)
+
+    def _finish(self, tail_seconds: float) -> dict[str, Any]:
+        if self.pruner is not None:
+            targets = {name: mask.numel() for name, mask in self.pruner.masks.items()}
+            self.pruner.finalize()
+        else:
+            targets = {}
+        model_path = self.out / "model.safetensors"
+        prune.save(self.model, model_path)
+        report = reports.build_report(
+            cfg=self.cfg,
+            data=self.data,
+            model=self.model,
+            example=self.example,
+            targets=targets,
+            dense=self.state.report["dense"],
+            final_accuracy=accuracy(self.model, self.data.test),
+            final_val_accuracy=accuracy(self.model, self.data.val),
+            checkpoint_bytes=model_path.stat().st_size,
+            log=self.log,
+            history=self.state.history,
+            wall_seconds=self.state.wall_seconds + tail_seconds,
+        )
+        reports.write_all(self.out, report, self.log, self.state.history)
+        return report
+
+
+def start(cfg: RunConfig, out: Path, *, progress: bool = True) -> dict[str, Any]:
+    """A new run: create ``out`` (it must be empty or absent), write the config, execute."""
+    if out.exists() and any(out.iterdir()):
+        raise SecateursError(f"--out: {str(out)!r} is not empty; allowed: a new or empty folder (or --resume {out})")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.toml", to_toml(cfg))
+    except OSError as exc:
+        raise SecateursError(f"--out: cannot write to {str(out)!r} ({exc.strerror})") from None
+    return Run(cfg, out, progress=progress).execute()
+
+
+def resume(out: Path, *, progress: bool = True) -> dict[str, Any]:
+    """Continue the run in ``out`` from its last epoch checkpoint."""
+    from secateurs.experiment.config import load_config
+
+    if not (out / "config.toml").is_file():
+        raise SecateursError(f"--resume: {str(out)!r} holds no config.toml; allowed: the folder of an earlier run")
+    if not (out / CHECKPOINT).is_file():
+        raise SecateursError(f"--resume: {str(out)!r} holds no {CHECKPOINT}; the run ended before its first epoch")
+    cfg = load_config(out / "config.toml")
+    return Run(cfg, out, progress=progress).execute(resume=True)

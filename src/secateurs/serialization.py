@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -109,6 +109,6 @@ def load_state(path: str | os.PathLike[str]) -> Any:
         skeleton = json.loads(meta[_TREE_KEY])
     except FileNotFoundError:
         raise SecateursError(f"checkpoint: {str(p)!r} does not exist") from None
-    except (SafetensorsError, ValueError, KeyError, UnicodeDecodeError) as exc:
+    except (SafetensorError, ValueError, KeyError, UnicodeDecodeError) as exc:
         raise SecateursError(f"checkpoint: {str(p)!r} is not a secateurs state file or is corrupted ({type(exc).__name__}: {exc})") from None
     return _decode(skeleton, tensors)

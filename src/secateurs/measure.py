@@ -1,0 +1,115 @@
+"""What a model costs: MACs, parameters, bytes and CPU latency, measured the same way everywhere.
+
+Reports compare a dense model with its pruned version, so every number here is taken without
+side effects on the model (training flags, gradients and the thread count are restored).
+
+>>> import torch
+>>> net = torch.nn.Linear(8, 4)
+>>> count_macs(net, torch.zeros(1, 8)), count_params(net)
+(36, 36)
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch_pruning as tp
+import torch_pruning.utils.op_counter as _op_counter
+from torch import nn
+
+from secateurs.errors import check
+
+__all__ = ["count_macs", "count_params", "measure_latency", "state_dict_bytes"]
+
+
+def _forward(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _recurrent_macs(module: nn.RNNBase, inputs: tuple, output: Any) -> None:
+    """MACs of a recurrent layer: Torch-Pruning's counter reads the wrong axes of the input."""
+    x = inputs[0]
+    if isinstance(x, nn.utils.rnn.PackedSequence):
+        tokens = x.data.shape[0]
+    else:
+        tokens = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
+    gates = {nn.LSTM: 4, nn.GRU: 3}.get(type(module), 1)
+    hidden = module.hidden_size
+    out = module.proj_size or hidden
+    directions = 2 if module.bidirectional else 1
+    per_token = 0
+    for k in range(module.num_layers):
+        inp = module.input_size if k == 0 else out * directions
+        per_token += gates * hidden * (inp + out) + (2 * gates * hidden if module.bias else 0)
+        per_token += hidden * out if module.proj_size else 0
+    module.__flops__ += int(tokens * per_token * directions)
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, example_inputs: Any) -> int:
+    """Multiply-accumulates of one forward pass per example (the batch size is divided out).
+
+    Torch-Pruning's ``count_ops_and_params`` (a deep copy of the model is measured), with
+    recurrent layers counted per token instead of per the counter's mistaken axes.
+    """
+    _op_counter.CUSTOM_MODULES_MAPPING = {t: _recurrent_macs for t in (nn.RNN, nn.LSTM, nn.GRU)}
+    macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
+    return int(macs)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor in ``model.state_dict()`` (parameters and buffers, no file overhead)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
+
+
+def measure_latency(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    runs: int = 30,
+    warmup: int = 5,
+    threads: int | None = None,
+) -> float:
+    """Median wall time of one forward pass in milliseconds, in eval mode under ``no_grad``.
+
+    ``warmup`` untimed passes come first; ``threads`` fixes ``torch.set_num_threads`` for the
+    measurement (the previous count is restored afterwards, as are the training flags).
+    """
+    check(isinstance(runs, int) and runs >= 1, "runs", runs, "an integer >= 1")
+    check(isinstance(warmup, int) and warmup >= 0, "warmup", warmup, "an integer >= 0")
+    check(threads is None or (isinstance(threads, int) and threads >= 1), "threads", threads, "None or an integer >= 1")
+    previous_threads = torch.get_num_threads()
+    training = [(m, m.training) for m in model.modules()]
+    cuda = any(p.is_cuda for p in model.parameters())
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        model.eval()
+        times = []
+        with torch.no_grad():
+            for i in range(warmup + runs):
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                _forward(model, example_inputs)
+                if cuda:
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1000.0
+    finally:
+        torch.set_num_threads(previous_threads)
+        for m, flag in training:
+            m.training = flag

@@ -1,0 +1,187 @@
+"""Tensor plumbing shared by the clipping functions and rules.
+
+Everything here follows ``torch/nn/utils/clip_grad.py``: tensors are grouped by (device, dtype)
+so each group runs one foreach kernel, norms stay tensors, and nothing reads a device value on
+the host. DTensor gradients are supported: norms are computed on the DTensors (so the
+reduction spans every shard) and then turned into plain replicated tensors; in-place scaling
+is done on the local shards, which is the same as scaling the DTensor by a replicated scalar.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+from torch.utils._foreach_utils import _device_has_foreach_support
+
+from secateurs.errors import check
+
+Params = Tensor | Iterable[Tensor]
+"""One tensor or an iterable of tensors (usually ``model.parameters()``)."""
+
+try:  # torch.distributed can be missing from custom builds
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover - depends on the torch build
+    _DTensor = None
+
+# numel at or below which AGC stacks tensors of equal shape instead of one kernel per tensor
+SMALL_NUMEL = 1 << 16
+
+
+def as_list(params: Params) -> list[Tensor]:
+    """``params`` as a list (a single tensor becomes a one-element list)."""
+    if isinstance(params, Tensor):
+        return [params]
+    return list(params)
+
+
+def with_grad(params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """The parameters that have a gradient, and those gradients, in the same order."""
+    kept = [p for p in params if p.grad is not None]
+    return kept, [p.grad for p in kept]  # type: ignore[misc]
+
+
+def is_dtensor(t: Tensor) -> bool:
+    return _DTensor is not None and isinstance(t, _DTensor)
+
+
+def plain(t: Tensor) -> Tensor:
+    """A DTensor reduction result as an ordinary (replicated) tensor; others unchanged."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def local(tensors: list[Tensor]) -> list[Tensor]:
+    """Local shards of DTensors (views of the same storage); ordinary tensors unchanged."""
+    if _DTensor is None:
+        return tensors
+    return [t.to_local() if isinstance(t, _DTensor) else t for t in tensors]
+
+
+def check_norm_type(norm_type: float | str, field: str = "norm_type") -> float:
+    """``norm_type`` as a float p >= 1 (``inf`` or the string ``"inf"`` allowed)."""
+    allowed = "a number >= 1, or inf"
+    if isinstance(norm_type, str):
+        check(norm_type.strip().lower() in ("inf", "infinity"), field, norm_type, allowed)
+        return math.inf
+    check(
+        isinstance(norm_type, (int, float)) and not isinstance(norm_type, bool),
+        field,
+        norm_type,
+        allowed,
+    )
+    p = float(norm_type)
+    check(p >= 1.0, field, norm_type, allowed)
+    return p
+
+
+def check_positive(value: object, field: str) -> float:
+    """``value`` as a float > 0 (``inf`` allowed); SecateursError otherwise."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    check(ok, field, value, "a number > 0")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _groups(
+    tensors: list[Tensor],
+) -> dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]]:
+    """Tensors grouped by (device, dtype) with their positions in ``tensors``."""
+    out: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]] = {}
+    grouped = torch._C._group_tensors_by_device_and_dtype([tensors], True)
+    for key, ([ts], idx) in grouped.items():
+        out[key] = (ts, idx)
+    return out
+
+
+def _foreach_ok(tensors: list[Tensor], device: torch.device) -> bool:
+    return _device_has_foreach_support(device) and not any(is_dtensor(t) for t in tensors[:1])
+
+
+def _norms_of_group(ts: list[Tensor], device: torch.device, p: float) -> list[Tensor]:
+    if _foreach_ok(ts, device):
+        return list(torch._foreach_norm(ts, p))
+    return [torch.linalg.vector_norm(t, p) for t in ts]
+
+
+@torch.no_grad()
+def total_norm(tensors: list[Tensor], norm_type: float = 2.0) -> Tensor:
+    """p-norm of all ``tensors`` viewed as one vector; a 0-d tensor, no host read.
+
+    Built on :func:`torch.nn.utils.get_total_norm`, so the value is the one
+    :func:`torch.nn.utils.clip_grad_norm_` computes, DTensors included.
+    """
+    if not tensors:
+        return torch.zeros(())
+    return plain(torch.nn.utils.get_total_norm(tensors, norm_type))
+
+
+@torch.no_grad()
+def per_tensor_norms(tensors: list[Tensor], norm_type: float = 2.0) -> Tensor:
+    """Vector of the p-norm of each tensor, in order, on the first tensor's device."""
+    first = tensors[0].device
+    groups = _groups(tensors)
+    if len(groups) == 1:
+        ((device, _), (ts, _)) = next(iter(groups.items()))
+        return plain(torch.stack(_norms_of_group(ts, device, norm_type)))
+    out: list[Tensor] = [tensors[0]] * len(tensors)
+    for (device, _), (ts, idx) in groups.items():
+        for i, n in zip(idx, _norms_of_group(ts, device, norm_type), strict=True):
+            out[i] = plain(n).to(first)
+    return torch.stack(out)
+
+
+def combine_norms(norms: Tensor, norm_type: float) -> Tensor:
+    """The total p-norm from a vector of per-part p-norms."""
+    return torch.linalg.vector_norm(norms, norm_type)
+
+
+@torch.no_grad()
+def scale_(tensors: list[Tensor], factor: Tensor | float) -> None:
+    """Multiply every tensor in place by one factor (a 0-d tensor or a float)."""
+    tensors = local(tensors)
+    if not tensors:
+        return
+    for (device, _), (ts, _) in _groups(tensors).items():
+        f = factor.to(device) if isinstance(factor, Tensor) else factor
+        if _device_has_foreach_support(device):
+            torch._foreach_mul_(ts, f)
+        else:
+            for t in ts:
+                t.mul_(f)
+
+
+@torch.no_grad()
+def scale_each_(tensors: list[Tensor], factors: list[Tensor]) -> None:
+    """Multiply ``tensors[i]`` in place by ``factors[i]`` (broadcastable tensors)."""
+    tensors = local(tensors)
+    if not tensors:
+        return
+    groups = _groups(tensors)
+    for (device, _), (ts, idx) in groups.items():
+        fs = factors if len(groups) == 1 else [factors[i] for i in idx]
+        fs = [f.to(device) for f in fs] if fs[0].device != device else fs
+        if _device_has_foreach_support(device):
+            torch._foreach_mul_(ts, fs)
+        else:
+            for t, f in zip(ts, fs, strict=True):
+                t.mul_(f)
+
+
+def clip_coefficient(norm: Tensor, max_norm: Tensor | float) -> Tensor:
+    """``min(max_norm / (norm + 1e-6), 1)``: the factor torch's ``clip_grad_norm_`` applies."""
+    return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+
+
+_CONSTANTS: dict[tuple[float, torch.device], Tensor] = {}
+
+
+def constant(value: float, device: torch.device) -> Tensor:
+    """A cached 0-d float32 tensor holding ``value`` on ``device`` (filled on device, no copy)."""
+    key = (value, device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = torch.full((), value, dtype=torch.float32, device=device)
+        if len(_CONSTANTS) < 256:
+            _CONSTANTS[key] = t
+    return t

@@ -1,0 +1,130 @@
+"""AdaGC: per-tensor clipping against an EMA of each tensor's own clipped norms.
+
+Wang et al. 2025, "AdaGC: Improving Training Stability for Large Language Model Pretraining".
+With ``n_i`` the 2-norm of gradient tensor i and ``gamma_i`` its threshold state:
+
+* warm-up (the first ``warmup_steps`` steps): global clipping,
+  ``h = min(lambda_abs / (||g|| + 1e-6), 1)`` for every tensor, and
+  ``gamma_i <- min(gamma_i, h n_i)`` (``gamma`` starts at +inf, so step 1 sets it);
+* afterwards: ``h_i = min(lambda_rel gamma_i / (n_i + 1e-6), 1)`` and
+  ``gamma_i <- beta gamma_i + (1 - beta) h_i n_i``.
+
+Defaults are the paper's (``lambda_abs=1.0``, ``lambda_rel=1.05``, ``beta=0.98``, 100 warm-up
+steps). ``gamma`` is indexed by position in the parameter list, so call the rule with the same
+parameters each step (as :func:`~secateurs.clip.wrap` does); parameters without a gradient keep
+their state. Non-finite steps leave the state unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from secateurs.clip._tensors import check_positive, per_tensor_norms, scale_each_
+from secateurs.clip.registry import register
+from secateurs.clip.rules import StatefulRule
+from secateurs.clip.stats import ClipStats
+from secateurs.errors import check
+
+__all__ = ["AdaGC"]
+
+
+@register("adagc")
+class AdaGC(StatefulRule):
+    """Adaptive per-tensor thresholds (EMA of clipped norms) after a global-clipping warm-up.
+
+    The stats' ``threshold`` is the 2-norm of the per-tensor thresholds (``lambda_abs`` during
+    warm-up).
+    """
+
+    def __init__(
+        self,
+        *,
+        lambda_abs: float = 1.0,
+        lambda_rel: float = 1.05,
+        beta: float = 0.98,
+        warmup_steps: int = 100,
+    ) -> None:
+        super().__init__()
+        self.lambda_abs = check_positive(lambda_abs, "lambda_abs")
+        self.lambda_rel = check_positive(lambda_rel, "lambda_rel")
+        ok = isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0 <= beta < 1
+        check(ok, "beta", beta, "a number in [0, 1)")
+        self.beta = float(beta)
+        ok = isinstance(warmup_steps, int) and not isinstance(warmup_steps, bool)
+        check(ok and warmup_steps >= 1, "warmup_steps", warmup_steps, "an integer >= 1")
+        self.warmup_steps = warmup_steps
+        self._size = 0
+
+    def _fresh_state(self, device: torch.device) -> dict[str, Tensor]:
+        return {
+            "gamma": torch.full((self._size,), torch.inf, device=device),
+            "step": torch.zeros((), dtype=torch.long, device=device),
+        }
+
+    def _check_loaded(self, key: str, value: Tensor, like: Tensor) -> None:
+        if key == "gamma":  # the size is only known once the rule sees the parameters
+            check(value.dim() == 1, "adagc.state_dict['gamma']", tuple(value.shape), "a vector")
+        else:
+            super()._check_loaded(key, value, like)
+
+    def clip(self, params: list[Tensor]) -> ClipStats:
+        active = [i for i, p in enumerate(params) if p.grad is not None]
+        grads = [params[i].grad for i in active]
+        norms = per_tensor_norms(grads).float()  # type: ignore[arg-type]
+        device = norms.device
+        if self._state and self._state["gamma"].numel() != len(params):
+            check(
+                False,
+                "adagc parameters",
+                len(params),
+                f"the same {self._state['gamma'].numel()} parameters on every step",
+            )
+        self._size = len(params)
+        st = self._state_on(device)
+        gamma_all, step = st["gamma"], st["step"]
+        every = len(active) == len(params)
+        index = None if every else torch.tensor(active, device=device)
+        gamma = gamma_all if index is None else gamma_all.index_select(0, index)
+
+        total = torch.linalg.vector_norm(norms)
+        finite = torch.isfinite(total)
+        warming = step < self.warmup_steps
+        h_global = torch.clamp(self.lambda_abs / (total + 1e-6), max=1.0)
+        bound = self.lambda_rel * gamma
+        h_local = torch.clamp(bound / (norms + 1e-6), max=1.0)
+        h = torch.where(warming, h_global.expand_as(norms), h_local)
+        scale_each_(grads, list(h.unbind()))  # type: ignore[arg-type]
+
+        clipped_norms = h * norms
+        new_gamma = torch.where(
+            warming,
+            torch.minimum(gamma, clipped_norms),
+            self.beta * gamma + (1 - self.beta) * clipped_norms,
+        )
+        new_gamma = torch.where(finite, new_gamma, gamma)
+        if index is None:
+            gamma_all.copy_(new_gamma)
+        else:
+            gamma_all.index_copy_(0, index, new_gamma)
+        step.copy_(step + finite.long())
+
+        threshold = torch.where(
+            warming, torch.full_like(total, self.lambda_abs), torch.linalg.vector_norm(bound)
+        )
+        return ClipStats(
+            norm_before=total,
+            norm_after=torch.linalg.vector_norm(clipped_norms),
+            threshold=threshold,
+            clipped=(h < 1.0).any(),
+        )
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "lambda_abs": self.lambda_abs,
+            "lambda_rel": self.lambda_rel,
+            "beta": self.beta,
+            "warmup_steps": self.warmup_steps,
+        }

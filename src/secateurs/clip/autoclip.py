@@ -1,0 +1,99 @@
+"""AutoClip: clip to a percentile of the gradient norms seen so far.
+
+Seetharaman et al. 2020, "AutoClip: Adaptive Gradient Clipping for Source Separation Networks".
+Each step appends the current total norm to the history, then clips the gradients to the
+``percentile``-th percentile of the history (numpy's default linear interpolation). The
+history here is a ring buffer of the last ``history`` norms, kept on the gradients' device;
+non-finite norms are not recorded, so one NaN step cannot poison the threshold.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from secateurs.clip._tensors import check_norm_type, clip_coefficient, scale_, total_norm, with_grad
+from secateurs.clip.registry import register
+from secateurs.clip.rules import StatefulRule
+from secateurs.clip.stats import ClipStats
+from secateurs.errors import check
+
+__all__ = ["AutoClip", "percentile"]
+
+
+def percentile(sorted_values: Tensor, count: Tensor, q: float) -> Tensor:
+    """numpy's linear-interpolation percentile ``q`` (0..100) of ``sorted_values[:count]``.
+
+    ``count`` is a 0-d integer tensor (so the call needs no host read); the result is ``inf``
+    when ``count`` is 0.
+    """
+    pos = (count - 1).clamp(min=0).to(sorted_values.dtype) * (q / 100.0)
+    lo = pos.floor()
+    hi = pos.ceil()
+    a = sorted_values.index_select(0, lo.long().view(1)).view(())
+    b = sorted_values.index_select(0, hi.long().view(1)).view(())
+    t = pos - lo
+    # numpy's _lerp: interpolate from the nearer end, which keeps the result monotone
+    value = torch.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)
+    return torch.where(count > 0, value, torch.inf)
+
+
+@register("autoclip")
+class AutoClip(StatefulRule):
+    """Clip the global gradient norm to the ``percentile``-th percentile of its history.
+
+    Defaults follow the paper (p = 10); the history is bounded to the last ``history`` steps.
+    The stats' ``threshold`` is that percentile (the current norm included).
+
+    >>> import torch
+    >>> rule = AutoClip(percentile=50)
+    >>> w = torch.nn.Parameter(torch.zeros(1))
+    >>> for g in (1.0, 3.0, 2.0):
+    ...     w.grad = torch.tensor([g])
+    ...     stats = rule([w])
+    >>> stats.threshold  # median of 1, 3, 2
+    tensor(2.)
+    """
+
+    def __init__(
+        self, *, percentile: float = 10.0, history: int = 1000, norm_type: float | str = 2.0
+    ) -> None:
+        super().__init__()
+        ok = isinstance(percentile, (int, float)) and not isinstance(percentile, bool)
+        check(ok and 0 < percentile <= 100, "percentile", percentile, "a number in (0, 100]")
+        ok = isinstance(history, int) and not isinstance(history, bool) and history >= 1
+        check(ok, "history", history, "an integer >= 1")
+        self.percentile = float(percentile)
+        self.history = history
+        self.norm_type = check_norm_type(norm_type)
+
+    def _fresh_state(self, device: torch.device) -> dict[str, Tensor]:
+        return {
+            # empty slots hold +inf so they sort after every recorded norm
+            "history": torch.full((self.history,), torch.inf, device=device),
+            "count": torch.zeros((), dtype=torch.long, device=device),
+            "head": torch.zeros((), dtype=torch.long, device=device),
+        }
+
+    def clip(self, params: list[Tensor]) -> ClipStats:
+        _, grads = with_grad(params)
+        norm = total_norm(grads, self.norm_type)
+        st = self._state_on(norm.device)
+        hist, count, head = st["history"], st["count"], st["head"]
+
+        finite = torch.isfinite(norm)
+        slot = head.view(1)
+        old = hist.index_select(0, slot)
+        hist.index_copy_(0, slot, torch.where(finite, norm.float().view(1), old))
+        head.copy_(torch.where(finite, (head + 1) % self.history, head))
+        count.copy_(torch.where(finite, torch.clamp(count + 1, max=self.history), count))
+
+        threshold = percentile(torch.sort(hist).values, count, self.percentile)
+        coef = clip_coefficient(norm, threshold)
+        scale_(grads, coef)
+        return ClipStats(norm, norm * coef, threshold, coef < 1.0)
+
+    def _fields(self) -> dict[str, Any]:
+        return {"percentile": self.percentile, "history": self.history, "norm_type": self.norm_type}

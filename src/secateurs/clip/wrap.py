@@ -1,0 +1,280 @@
+"""wrap(): an optimizer that clips before every step, logs what it did and guards against NaN.
+
+>>> import torch
+>>> from secateurs.clip import GlobalNorm, wrap
+>>> model = torch.nn.Linear(4, 1)
+>>> opt = wrap(torch.optim.SGD(model.parameters(), lr=0.1), GlobalNorm(1.0))
+>>> model(torch.randn(8, 4)).pow(2).mean().backward()
+>>> opt.step(); opt.zero_grad()
+>>> opt.log.total_steps
+1
+
+Where the clipping goes, and why it is correct there:
+
+* **Once per optimizer step.** With gradient accumulation, call ``backward()`` on each
+  micro-batch and ``step()`` once: the rule sees the accumulated gradient, which is what the
+  update uses. (Clipping each micro-batch would bound the pieces, not the sum.)
+* **After unscaling.** With ``torch.amp.GradScaler`` call ``scaler.step(opt)`` on the *wrapped*
+  optimizer. The scaler unscales the gradients (unless ``scaler.unscale_(opt)`` was called on
+  this same wrapped object earlier in the iteration), skips the step itself when it finds
+  inf/NaN, and otherwise calls ``opt.step()``, which clips the unscaled gradients. Do not mix
+  the wrapped and the inner optimizer in scaler calls: the scaler tracks them separately and
+  would unscale twice. Steps the scaler skips never reach the wrapper, so they are not in its
+  log; the scaler records them by lowering its scale.
+* **Learning-rate schedulers** take the wrapped optimizer (it is a ``torch.optim.Optimizer``
+  sharing the inner optimizer's ``param_groups``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from secateurs.clip._tensors import total_norm
+from secateurs.clip.guard import StepGuard
+from secateurs.clip.log import ClipLog
+from secateurs.clip.rules import Rule
+from secateurs.clip.stats import ClipStats
+from secateurs.errors import check
+
+__all__ = ["NONFINITE", "ClippedOptimizer", "NonFiniteGradError", "wrap"]
+
+NONFINITE = ("skip", "error", "ignore")
+"""Policies for a step whose gradient norm is NaN or inf."""
+
+
+class NonFiniteGradError(FloatingPointError):
+    """Raised by ``nonfinite="error"`` on a step whose gradient norm is NaN or inf."""
+
+
+class ClippedOptimizer(torch.optim.Optimizer):
+    """An optimizer that applies a clipping rule before each step of the optimizer it wraps.
+
+    Build it with :func:`wrap`. It is a ``torch.optim.Optimizer`` whose ``param_groups``,
+    ``state`` and ``defaults`` are the inner optimizer's, so LR schedulers, GradScaler and
+    checkpointing code use it unchanged; other attributes are looked up on the inner optimizer.
+    ``state_dict()`` is the inner optimizer's plus a ``"clip"`` entry (rule state, log, step
+    count), so a resumed run continues its thresholds and its log.
+    """
+
+    # GradScaler must unscale before our step (we clip unscaled gradients); never inherit the
+    # inner optimizer's fused-scaling protocol through __getattr__.
+    _step_supports_amp_scaling = False
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        rule: Rule | None = None,
+        *,
+        nonfinite: str = "skip",
+        log: ClipLog | None = None,
+    ) -> None:
+        ok = isinstance(optimizer, torch.optim.Optimizer) and not isinstance(
+            optimizer, ClippedOptimizer
+        )
+        check(
+            ok, "optimizer", type(optimizer).__name__, "a torch.optim.Optimizer not already wrapped"
+        )
+        check(rule is None or isinstance(rule, Rule), "rule", rule, "a secateurs.clip rule or None")
+        check(nonfinite in NONFINITE, "nonfinite", nonfinite, ", ".join(NONFINITE))
+        check(log is None or isinstance(log, ClipLog), "log", log, "a ClipLog or None")
+        self.optimizer = optimizer
+        self.rule = rule
+        self.nonfinite = nonfinite
+        self.log = ClipLog() if log is None else log
+        self.steps = 0
+        """Number of ``step()`` calls so far (skipped ones included)."""
+        self._guard = StepGuard()
+
+    # -- the optimizer's own data -------------------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = groups
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    def __getattr__(self, name: str) -> Any:
+        # only called when normal lookup fails; guard against recursion before __init__ ran
+        if name == "optimizer" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.optimizer, name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"ClippedOptimizer({self.optimizer!r}, rule={self.rule!r}, nonfinite={self.nonfinite!r})"
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def register_step_pre_hook(self, hook: Callable[..., Any]) -> Any:
+        return self.optimizer.register_step_pre_hook(hook)
+
+    def register_step_post_hook(self, hook: Callable[..., Any]) -> Any:
+        return self.optimizer.register_step_post_hook(hook)
+
+    def register_state_dict_pre_hook(self, hook: Callable[..., Any], prepend: bool = False) -> Any:
+        return self.optimizer.register_state_dict_pre_hook(hook, prepend)
+
+    def register_state_dict_post_hook(self, hook: Callable[..., Any], prepend: bool = False) -> Any:
+        return self.optimizer.register_state_dict_post_hook(hook, prepend)
+
+    def register_load_state_dict_pre_hook(
+        self, hook: Callable[..., Any], prepend: bool = False
+    ) -> Any:
+        return self.optimizer.register_load_state_dict_pre_hook(hook, prepend)
+
+    def register_load_state_dict_post_hook(
+        self, hook: Callable[..., Any], prepend: bool = False
+    ) -> Any:
+        return self.optimizer.register_load_state_dict_post_hook(hook, prepend)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state dict plus ``"clip"``: rule state, log and step count."""
+        sd = self.optimizer.state_dict()
+        sd["clip"] = {
+            "rule": self.rule.state_dict() if self.rule is not None else {},
+            "log": self.log.state_dict(),
+            "steps": self.steps,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict` (or a plain optimizer state dict)."""
+        sd = dict(state_dict)
+        clip = sd.pop("clip", None)
+        self.optimizer.load_state_dict(sd)
+        if clip is not None:
+            if self.rule is not None:
+                self.rule.load_state_dict(clip["rule"])
+            self.log.load_state_dict(clip["log"])
+            self.steps = int(clip["steps"])
+
+    # -- stepping -------------------------------------------------------------------------------
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _clip(self, params: list[Tensor]) -> ClipStats:
+        if self.rule is not None:
+            return self.rule(params)
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            device = params[0].device if params else torch.device("cpu")
+            return ClipStats.unclipped(torch.zeros((), device=device))
+        return ClipStats.unclipped(total_norm(grads))
+
+    def _error(self, stats: ClipStats) -> NonFiniteGradError:
+        return NonFiniteGradError(
+            f"step {self.steps}: gradient norm is {float(stats.norm_before)} (non-finite); "
+            "nonfinite='error' stops training here, nonfinite='skip' would skip the step"
+        )
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Clip the gradients with the rule, then step the inner optimizer (see :func:`wrap`)."""
+        self.steps += 1
+        if closure is not None:
+            return self._step_with_closure(closure)
+        params = self._params()
+        stats = self._clip(params)
+        ok = torch.isfinite(stats.norm_before)
+        if self.nonfinite == "error" and not bool(ok):
+            raise self._error(stats)
+        if self.nonfinite != "skip":
+            loss = self.optimizer.step()
+            self.log.record(stats, skipped=torch.zeros_like(ok))
+            return loss
+        stepped = [p for p in params if p.grad is not None]
+        capture = self._guard.capture(self.optimizer, stepped)
+        loss = self.optimizer.step()
+        self._guard.restore(self.optimizer, capture, ok)
+        self.log.record(stats, skipped=~ok)
+        return loss
+
+    def _step_with_closure(self, closure: Callable[[], Any]) -> Any:
+        params = self._params()
+        with torch.enable_grad():
+            loss = closure()
+        stats = self._clip(params)
+        ok = torch.isfinite(stats.norm_before)
+        if self.nonfinite != "ignore" and not bool(ok):
+            if self.nonfinite == "error":
+                raise self._error(stats)
+            self.log.record(stats, skipped=~ok)
+            return loss
+
+        first = True
+
+        def clipped_closure() -> Any:
+            # the first evaluation is the one just done: replay it instead of recomputing
+            nonlocal first
+            if first:
+                first = False
+                return loss
+            with torch.enable_grad():
+                again = closure()
+            self._clip(params)
+            return again
+
+        result = self.optimizer.step(clipped_closure)
+        self.log.record(stats, skipped=~ok)
+        return result
+
+
+def wrap(
+    optimizer: torch.optim.Optimizer,
+    rule: Rule | None = None,
+    *,
+    nonfinite: str = "skip",
+    log: ClipLog | None = None,
+) -> ClippedOptimizer:
+    """Wrap ``optimizer`` so each ``step()`` first clips the gradients with ``rule``.
+
+    ``rule=None`` clips nothing but still logs the gradient norm and applies ``nonfinite``.
+    ``nonfinite`` decides what a step with a NaN/inf gradient norm does:
+
+    * ``"skip"`` (default): parameters and optimizer state are left exactly as they were and
+      the step is logged as skipped. No host sync: the step runs and is undone with
+      ``torch.where`` (see :class:`~secateurs.clip.guard.StepGuard`, which also lists the rare
+      steps that read one flag, such as the one that first creates optimizer state).
+    * ``"error"``: raise :class:`NonFiniteGradError` naming the step number, before the
+      optimizer moves. Checking reads the norm on the host: one sync per step.
+    * ``"ignore"``: step anyway (NaN goes into the parameters), as plain PyTorch does.
+
+    ``step(closure)`` is supported, LBFGS included: the closure is evaluated once here, the
+    rule clips its gradients and the optimizer reuses that evaluation; later evaluations the
+    optimizer makes (LBFGS line search) are clipped by the rule as well, so stateful rules see
+    them too. With a closure the finiteness check reads one flag on the host (the optimizers
+    that need closures read the loss on the host anyway), and a non-finite first evaluation
+    skips the step without calling the optimizer.
+
+    See the module docstring for gradient accumulation, GradScaler and LR schedulers.
+    """
+    return ClippedOptimizer(optimizer, rule, nonfinite=nonfinite, log=log)

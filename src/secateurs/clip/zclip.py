@@ -1,0 +1,136 @@
+"""ZClip: z-score spike detection on the gradient norm with EMA statistics.
+
+Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training". Recurrence, with
+``g_t`` the total 2-norm at step t:
+
+* warm-up: the first ``warmup_steps`` norms are only collected (clipped to ``max_norm`` if
+  one is given); then ``mu`` and ``var`` start as their mean and (population) variance;
+* ``z_t = (g_t - mu) / (sqrt(var) + eps)``; if ``z_t > z_thresh`` the gradients are clipped
+  to ``g* = mu + z_thresh**2 * sqrt(var) / z_t`` (``"adaptive_scaling"``) or to ``mu``
+  (``"mean"``), otherwise ``g* = g_t``;
+* ``mu <- alpha mu + (1 - alpha) g*``; ``var <- alpha var + (1 - alpha) (g* - mu)**2``
+  (with the updated ``mu``), as in the authors' code.
+
+Everything is computed with tensor selects, so the step never reads the device. Non-finite
+norms leave the statistics unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from secateurs.clip._tensors import check_positive, clip_coefficient, scale_, total_norm, with_grad
+from secateurs.clip.registry import register
+from secateurs.clip.rules import StatefulRule
+from secateurs.clip.stats import ClipStats
+from secateurs.errors import check
+
+__all__ = ["ZClip"]
+
+_OPTIONS = ("adaptive_scaling", "mean")
+
+
+@register("zclip")
+class ZClip(StatefulRule):
+    """Clip the global norm when it is a z-score outlier of its EMA statistics.
+
+    Defaults are the paper's: ``alpha=0.97``, ``z_thresh=2.5``, ``warmup_steps=25``. The stats'
+    ``threshold`` is the trigger ``mu + z_thresh * (sqrt(var) + eps)`` (``max_norm`` or inf
+    during warm-up); when it fires, the gradients are scaled to the lower ``g*`` above.
+    """
+
+    def __init__(
+        self,
+        *,
+        alpha: float = 0.97,
+        z_thresh: float = 2.5,
+        warmup_steps: int = 25,
+        clip_option: str = "adaptive_scaling",
+        max_norm: float | None = None,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        ok = isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 < alpha < 1
+        check(ok, "alpha", alpha, "a number in (0, 1)")
+        self.alpha = float(alpha)
+        self.z_thresh = check_positive(z_thresh, "z_thresh")
+        ok = isinstance(warmup_steps, int) and not isinstance(warmup_steps, bool)
+        check(ok and warmup_steps >= 1, "warmup_steps", warmup_steps, "an integer >= 1")
+        self.warmup_steps = warmup_steps
+        check(clip_option in _OPTIONS, "clip_option", clip_option, ", ".join(_OPTIONS))
+        self.clip_option = clip_option
+        self.max_norm = None if max_norm is None else check_positive(max_norm, "max_norm")
+        self.eps = check_positive(eps, "eps")
+
+    def _fresh_state(self, device: torch.device) -> dict[str, Tensor]:
+        return {
+            "warmup": torch.zeros(self.warmup_steps, device=device),
+            "seen": torch.zeros((), dtype=torch.long, device=device),
+            "mean": torch.zeros((), device=device),
+            "var": torch.zeros((), device=device),
+        }
+
+    def clip(self, params: list[Tensor]) -> ClipStats:
+        _, grads = with_grad(params)
+        norm = total_norm(grads)
+        st = self._state_on(norm.device)
+        buf, seen, mean, var = st["warmup"], st["seen"], st["mean"], st["var"]
+        g = norm.float()
+        finite = torch.isfinite(g)
+        warming = seen < self.warmup_steps
+
+        # spike test against the statistics of previous steps
+        std = var.sqrt()
+        z = (g - mean) / (std + self.eps)
+        spike = (~warming) & (z > self.z_thresh)
+        if self.clip_option == "adaptive_scaling":
+            target = mean + self.z_thresh**2 * std / z
+        else:
+            target = mean
+        trigger = torch.where(warming, torch.inf, mean + self.z_thresh * (std + self.eps))
+        threshold = torch.where(spike, target, torch.inf)
+        if self.max_norm is not None:
+            threshold = torch.clamp(threshold, max=self.max_norm)
+            trigger = torch.clamp(trigger, max=self.max_norm)
+        coef = clip_coefficient(norm, threshold)
+        scale_(grads, coef)
+
+        # warm-up: collect, and initialise the EMA once the buffer is full
+        collect = warming & finite
+        slot = seen.clamp(max=self.warmup_steps - 1).view(1)
+        buf.index_copy_(0, slot, torch.where(collect, g.view(1), buf.index_select(0, slot)))
+        seen.copy_(seen + collect.long())
+        start = collect & (seen == self.warmup_steps)
+        init_mean = buf.mean()
+        init_var = (buf - init_mean).square().mean()
+
+        # EMA update after warm-up, with the clipped norm g*
+        g_eff = torch.where(spike, target, g)
+        new_mean = self.alpha * mean + (1 - self.alpha) * g_eff
+        new_var = self.alpha * var + (1 - self.alpha) * (g_eff - new_mean).square()
+        update = (~warming) & finite
+        mean.copy_(torch.where(start, init_mean, torch.where(update, new_mean, mean)))
+        var.copy_(torch.where(start, init_var, torch.where(update, new_var, var)))
+
+        return ClipStats(norm, norm * coef, trigger, coef < 1.0)
+
+    def _check_loaded(self, key: str, value: Tensor, like: Tensor) -> None:
+        if key == "warmup":
+            field = f"{self.method}.state_dict['warmup']"
+            allowed = f"{like.numel()} values (warmup_steps={self.warmup_steps})"
+            check(value.shape == like.shape, field, tuple(value.shape), allowed)
+        else:
+            super()._check_loaded(key, value, like)
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "alpha": self.alpha,
+            "z_thresh": self.z_thresh,
+            "warmup_steps": self.warmup_steps,
+            "clip_option": self.clip_option,
+            "max_norm": self.max_norm,
+            "eps": self.eps,
+        }

@@ -1,0 +1,61 @@
+"""Pruning: bool masks applied in place, importance criteria, selection, schedules, sparse files.
+
+Where things live:
+
+- :mod:`~secateurs.prune.masks`: which weights are prunable; applying masks in place.
+- :mod:`~secateurs.prune.criteria`: importance scores, one registered class per criterion.
+- :mod:`~secateurs.prune.selection`: global / layer-wise lowest-k and N:M blocks.
+- :mod:`~secateurs.prune.pruner`: :class:`Pruner`, which ties them together.
+- :mod:`~secateurs.prune.schedules`: one-shot, iterative, AGP and lottery-ticket rewinding.
+- :mod:`~secateurs.prune.checkpoint`: sparse safetensors files (bitmask + non-zeros).
+- :mod:`~secateurs.prune.report`: per-layer sparsity and FLOPs.
+
+>>> import torch
+>>> from torch import nn
+>>> from secateurs import prune
+>>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+>>> pruner = prune.Pruner(model, sparsity=0.9, criterion="magnitude")
+>>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+>>> pruner.attach(optimizer)
+>>> round(pruner.step(), 3)
+0.9
+>>> round(prune.sparsity_report(model).sparsity, 3)
+0.9
+"""
+
+from secateurs.prune import schedules
+from secateurs.prune.checkpoint import (
+    inspect_checkpoint,
+    load,
+    read_checkpoint,
+    read_metadata,
+    save,
+)
+from secateurs.prune.criteria import CRITERIA, Criterion, make_criterion, register
+from secateurs.prune.masks import PRUNABLE_MODULES, Target, apply_masks_, find_targets
+from secateurs.prune.pruner import SCOPES, Pruner
+from secateurs.prune.report import LayerSparsity, SparsityReport, sparsity_report
+from secateurs.prune.schedules import SCHEDULES
+
+__all__ = [
+    "CRITERIA",
+    "PRUNABLE_MODULES",
+    "SCHEDULES",
+    "SCOPES",
+    "Criterion",
+    "LayerSparsity",
+    "Pruner",
+    "SparsityReport",
+    "Target",
+    "apply_masks_",
+    "find_targets",
+    "inspect_checkpoint",
+    "load",
+    "make_criterion",
+    "read_checkpoint",
+    "read_metadata",
+    "register",
+    "save",
+    "schedules",
+    "sparsity_report",
+]

@@ -1,0 +1,582 @@
+"""Importance criteria: a score per weight, higher means keep.
+
+Each criterion is a small class registered by name in :data:`REGISTRY`; adding one means
+writing a class here and decorating it with :func:`register`. The :class:`~secateurs.prune.Pruner`
+drives a criterion through four calls:
+
+1. ``bind(model, targets)`` once;
+2. ``observe(batches, loss_fn)`` from ``Pruner.score`` (data criteria accumulate statistics);
+3. ``prepare(masks)`` before a selection (under ``torch.distributed`` the data statistics are
+   all-reduced here, so every rank selects the same masks), then ``chunk(i, start, stop)`` for
+   the scores of flat elements ``start:stop`` of target ``i``, then ``release()``.
+4. ``state_dict()`` / ``load_state_dict()`` to checkpoint what was accumulated.
+
+=============  =======================================================================
+``magnitude``  ``|w|`` (``p=1``) or ``w**2`` (``p=2``)
+``gradient``   ``mean_b |dL_b/dw|`` over the scored batches ``b``
+``activation`` ``|w| * mean |x|``, ``x`` the input that ``w`` multiplies (sum |activation x weight|)
+``taylor``     ``|w * mean_b dL_b/dw|`` (first-order Taylor; SNIP when scored at initialisation)
+``movement``   ``-sum_t w_t * g_t`` over fine-tuning steps (Sanh et al. 2020)
+``random``     uniform in [0, 1), reproducible from ``seed``
+``synflow``    ``|w * dR/dw|``, ``R`` the output sum of the all-positive network on an all-ones
+               input, iterated (Tanaka et al. 2020); needs no data, only the input shape
+=============  =======================================================================
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from secateurs.errors import SecateursError
+from secateurs.prune.activations import ActivationStats
+from secateurs.prune.masks import Target
+from secateurs.prune.selection import CHUNK
+
+__all__ = [
+    "CRITERIA",
+    "REGISTRY",
+    "ActivationCriterion",
+    "Criterion",
+    "GradientCriterion",
+    "LossFn",
+    "MagnitudeCriterion",
+    "MovementCriterion",
+    "RandomCriterion",
+    "SynFlowCriterion",
+    "TaylorCriterion",
+    "make_criterion",
+    "register",
+]
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+REGISTRY: dict[str, type[Criterion]] = {}
+
+
+def register(cls: type[Criterion]) -> type[Criterion]:
+    """Class decorator: make ``cls`` available by its ``name``."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+class Criterion:
+    """Base class. Subclasses set ``name`` and implement :meth:`chunk`."""
+
+    name: ClassVar[str] = ""
+    requires_data: ClassVar[bool] = False
+    """True when :meth:`observe` must see data before a selection."""
+    signed: ClassVar[bool] = False
+    """True when scores may be negative."""
+    iterations: int = 1
+    """Selection rounds per pruning step (each round re-scores under the new masks)."""
+
+    def __init__(self) -> None:
+        self.model: nn.Module | None = None
+        self.targets: list[Target] = []
+
+    def bind(self, model: nn.Module, targets: Sequence[Target]) -> None:
+        self.model = model
+        self.targets = list(targets)
+
+    def observe(self, batches: Iterable[Any], loss_fn: LossFn | None, *, max_batches: int | None = None) -> int:
+        """Accumulate statistics from ``(inputs, targets)`` batches; returns how many were seen."""
+        return 0
+
+    def ready(self) -> bool:
+        return True
+
+    def prepare(self, masks: Sequence[torch.Tensor]) -> None:
+        """Called before each selection round with the current keep-masks."""
+
+    def chunk(self, index: int, start: int, stop: int) -> torch.Tensor:
+        """Scores of flat elements ``start:stop`` of target ``index`` (floating point)."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Drop whatever :meth:`prepare` computed."""
+
+    def finish(self) -> None:
+        """Called once a whole pruning step (all its rounds) is done."""
+
+    def scores(self, masks: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Every score, shaped like its weight (for inspection and tests; selection uses chunks)."""
+        if masks is None:
+            masks = [torch.ones(t.shape, dtype=torch.bool, device=t.param.device) for t in self.targets]
+        self.prepare(masks)
+        try:
+            return {
+                t.name: self.chunk(i, 0, t.numel).reshape(t.shape).clone()
+                for i, t in enumerate(self.targets)
+            }
+        finally:
+            self.release()
+
+    def options(self) -> dict[str, Any]:
+        """Constructor keyword arguments (JSON-able)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "options": self.options()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise SecateursError(
+                f"criterion: got state of {state.get('name')!r}; allowed: state saved by {self.name!r}"
+            )
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({args})"
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_reduce_sum(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Sum of each tensor over all ranks, with one collective (returns new tensors)."""
+    if _world() == 1:
+        return list(tensors)
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+    dist.all_reduce(flat)
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset : offset + t.numel()].view(t.shape).to(t.dtype))
+        offset += t.numel()
+    return out
+
+
+@register
+class MagnitudeCriterion(Criterion):
+    """``|w|`` for ``p=1`` (L1), ``w**2`` for ``p=2`` (L2): the same ranking of single weights."""
+
+    name = "magnitude"
+
+    def __init__(self, p: int = 1):
+        super().__init__()
+        if p not in (1, 2):
+            raise SecateursError(f"criterion.p: got {p!r}; allowed: 1 (L1) or 2 (L2)")
+        self.p = p
+
+    def chunk(self, index: int, start: int, stop: int) -> torch.Tensor:
+        weight = self.targets[index].param.detach().reshape(-1)[start:stop]
+        return weight.abs() if self.p == 1 else weight.square()
+
+    def options(self) -> dict[str, Any]:
+        return {"p": self.p}
+
+
+@register
+class RandomCriterion(Criterion):
+    """Uniform random scores. Each pruning step draws afresh; ``seed`` makes it reproducible
+    (``None`` takes one from torch's global generator when bound, broadcast from rank 0)."""
+
+    name = "random"
+
+    def __init__(self, seed: int | None = None):
+        super().__init__()
+        self.seed = seed
+        self.draws = 0
+
+    def bind(self, model: nn.Module, targets: Sequence[Target]) -> None:
+        super().bind(model, targets)
+        if self.seed is None:
+            seed = torch.randint(0, 2**31 - 1, (1,))
+            if _world() > 1:
+                dist.broadcast(seed, src=0)
+            self.seed = int(seed)
+
+    def prepare(self, masks: Sequence[torch.Tensor]) -> None:
+        self.draws += 1
+
+    def chunk(self, index: int, start: int, stop: int) -> torch.Tensor:
+        # Scores are generated per fixed block of CHUNK from a seed derived from (seed, draw,
+        # target, block), so any slice, in any order, sees the same numbers.
+        device = self.targets[index].param.device
+        pieces = []
+        for block in range(start // CHUNK, (stop - 1) // CHUNK + 1):
+            lo = block * CHUNK
+            hi = min(lo + CHUNK, self.targets[index].numel)
+            g = torch.Generator().manual_seed(hash((self.seed, self.draws, index, block)) & (2**63 - 1))
+            pieces.append(torch.rand(hi - lo, generator=g)[max(start - lo, 0) : stop - lo])
+        return torch.cat(pieces).to(device)
+
+    def options(self) -> dict[str, Any]:
+        return {"seed": self.seed}
+
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | {"draws": self.draws}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.seed = state["options"]["seed"]
+        self.draws = int(state.get("draws", 0))
+
+
+def _batches(batches: Iterable[Any], max_batches: int | None) -> Iterator[tuple[Any, Any]]:
+    seen = 0
+    for batch in batches:
+        if max_batches is not None and seen >= max_batches:
+            break
+        if not (isinstance(batch, tuple | list) and len(batch) == 2):
+            raise SecateursError(
+                f"batches: got an item of type {type(batch).__name__}; allowed: (inputs, targets) pairs"
+            )
+        seen += 1
+        yield batch[0], batch[1]
+    if seen == 0:
+        raise SecateursError("batches: got no batch; allowed: an iterable of at least one (inputs, targets) pair")
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple | list):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _forward(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, tuple | list):
+        return model(*inputs)
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(inputs)
+
+
+class _DataCriterion(Criterion):
+    """Scores from statistics summed over scored batches (and, for movement, training steps)."""
+
+    requires_data = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sums: list[torch.Tensor | None] = []
+        self.count = 0
+        self._synced: list[torch.Tensor] | None = None
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def bind(self, model: nn.Module, targets: Sequence[Target]) -> None:
+        super().bind(model, targets)
+        self.sums = [None] * len(self.targets)
+        self.count = 0
+
+    def ready(self) -> bool:
+        return self.count > 0
+
+    def _device(self) -> torch.device:
+        return self.targets[0].param.device
+
+    def _add(self, index: int, value: torch.Tensor) -> None:
+        value = value.detach().to(torch.float32)
+        current = self.sums[index]
+        if current is None:
+            self.sums[index] = value.clone()
+        else:
+            current.add_(value)
+
+    def prepare(self, masks: Sequence[torch.Tensor]) -> None:
+        sums = [s if s is not None else torch.zeros(t.shape, device=t.param.device) for s, t in zip(self.sums, self.targets, strict=True)]
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self._device())
+        *sums, count = _all_reduce_sum([*sums, count])
+        self._synced = [*sums, count]
+        self._cache = {}
+
+    def _statistic(self, index: int) -> tuple[torch.Tensor, float]:
+        assert self._synced is not None, "prepare() first"
+        return self._synced[index], float(self._synced[-1])
+
+    def _score(self, index: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def chunk(self, index: int, start: int, stop: int) -> torch.Tensor:
+        score = self._cache.get(index)
+        if score is None:
+            score = self._cache[index] = self._score(index).reshape(-1)
+        return score[start:stop]
+
+    def release(self) -> None:
+        self._synced = None
+        self._cache = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        sums = {t.name: s for t, s in zip(self.targets, self.sums, strict=True) if s is not None}
+        return super().state_dict() | {"count": self.count, "sums": sums}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        names = [t.name for t in self.targets]
+        unknown = sorted(set(state.get("sums", {})) - set(names))
+        if unknown:
+            raise SecateursError(f"criterion.sums: got {unknown}; allowed: {names}")
+        self.count = int(state.get("count", 0))
+        self.sums = [
+            state["sums"][n].to(t.param.device, torch.float32).clone() if n in state.get("sums", {}) else None
+            for n, t in zip(names, self.targets, strict=True)
+        ]
+
+
+class _GradientStatistic(_DataCriterion):
+    """Data criteria computed from the loss gradient of each scored batch."""
+
+    def observe(self, batches: Iterable[Any], loss_fn: LossFn | None, *, max_batches: int | None = None) -> int:
+        if not callable(loss_fn):
+            raise SecateursError(
+                f"loss_fn: got {loss_fn!r}; allowed: a callable loss_fn(outputs, targets) -> scalar "
+                f"tensor (criterion {self.name!r} needs gradients)"
+            )
+        assert self.model is not None
+        device = self._device()
+        params = [t.param for t in self.targets]
+        live = [i for i, p in enumerate(params) if p.requires_grad]
+        seen = 0
+        for inputs, labels in _batches(batches, max_batches):
+            loss = loss_fn(_forward(self.model, _to(inputs, device)), _to(labels, device))
+            if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+                raise SecateursError(f"loss_fn: returned {type(loss).__name__} {getattr(loss, 'shape', '')}; allowed: a scalar tensor")
+            grads = torch.autograd.grad(loss, [params[i] for i in live], allow_unused=True)
+            with torch.no_grad():
+                for i, grad in zip(live, grads, strict=True):
+                    if grad is not None:
+                        self._accumulate(i, params[i].detach(), grad)
+            self.count += 1
+            seen += 1
+        return seen
+
+    def _accumulate(self, index: int, weight: torch.Tensor, grad: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+@register
+class GradientCriterion(_GradientStatistic):
+    """``|dL/dw|`` averaged over the scored batches (the seeds' gradient-magnitude pruning)."""
+
+    name = "gradient"
+
+    def _accumulate(self, index: int, weight: torch.Tensor, grad: torch.Tensor) -> None:
+        self._add(index, grad.abs())
+
+    def _score(self, index: int) -> torch.Tensor:
+        total, count = self._statistic(index)
+        return total / count
+
+
+@register
+class TaylorCriterion(_GradientStatistic):
+    """``|w * g|`` with ``g`` the mean gradient over the scored batches: the first-order estimate
+    of the loss change when ``w`` is removed. Scored at initialisation this is SNIP."""
+
+    name = "taylor"
+
+    def _accumulate(self, index: int, weight: torch.Tensor, grad: torch.Tensor) -> None:
+        self._add(index, grad)
+
+    def _score(self, index: int) -> torch.Tensor:
+        total, count = self._statistic(index)
+        weight = self.targets[index].param.detach().to(torch.float32)
+        return (weight * (total / count)).abs()
+
+
+@register
+class MovementCriterion(_GradientStatistic):
+    """``-sum_t w_t * g_t``: weights moving away from zero score high (Sanh et al. 2020).
+
+    Accumulated at every optimizer step once the pruner is attached to the optimizer, and over
+    scored batches. Summed over ranks' averages under ``torch.distributed``.
+    """
+
+    name = "movement"
+    signed = True
+
+    def _accumulate(self, index: int, weight: torch.Tensor, grad: torch.Tensor) -> None:
+        self._add(index, -(weight.to(torch.float32) * grad.to(torch.float32)))
+
+    @torch.no_grad()
+    def on_optimizer_step(self) -> None:
+        """Add ``-w * g`` from the current ``.grad`` (called before the optimizer updates)."""
+        for i, target in enumerate(self.targets):
+            param = target.param
+            if param.grad is not None and param.grad.layout == torch.strided:
+                self._accumulate(i, param.detach(), param.grad)
+        self.count += 1
+
+    def _score(self, index: int) -> torch.Tensor:
+        total, _ = self._statistic(index)
+        return total / _world()
+
+
+@register
+class ActivationCriterion(_DataCriterion):
+    """``|w| * mean |x|`` where ``x`` is the input ``w`` multiplies: the seeds' importance
+    ``sum |activation x weight|`` (up to the number of samples). Needs inputs, not labels."""
+
+    name = "activation"
+
+    def bind(self, model: nn.Module, targets: Sequence[Target]) -> None:
+        super().bind(model, targets)
+        self.stats = ActivationStats(model, self.targets)
+
+    def observe(self, batches: Iterable[Any], loss_fn: LossFn | None, *, max_batches: int | None = None) -> int:
+        assert self.model is not None
+        device = self._device()
+        seen = 0
+        with torch.no_grad(), self.stats.record():
+            for inputs, _ in _batches(batches, max_batches):
+                _forward(self.model, _to(inputs, device))
+                seen += 1
+        missing = self.stats.missing()
+        if missing:
+            raise SecateursError(
+                f"criterion: got 'activation' but {', '.join(missing)} never ran during score(); "
+                "allowed: targets that the model's forward uses (exclude the others)"
+            )
+        self.count += seen
+        return seen
+
+    def prepare(self, masks: Sequence[torch.Tensor]) -> None:
+        totals = [s.total for s in self.stats.stats.values()]
+        counts = [s.count for s in self.stats.stats.values()]
+        synced = _all_reduce_sum([*totals, *counts])  # type: ignore[list-item]
+        self._synced = synced
+        self._cache = {}
+
+    def _score(self, index: int) -> torch.Tensor:
+        assert self._synced is not None
+        n = len(self.targets)
+        target = self.targets[index]
+        stat = self.stats.stats[target.name]
+        mean = (self._synced[index] / self._synced[n + index]).to(target.param.device)
+        weight = target.param.detach().abs().to(torch.float32)
+        return (weight.reshape(stat.weight_view) * mean).reshape(target.shape)
+
+    def state_dict(self) -> dict[str, Any]:
+        stats = {
+            name: {"total": s.total, "count": s.count}
+            for name, s in self.stats.stats.items()
+            if s.total is not None
+        }
+        return Criterion.state_dict(self) | {"count": self.count, "stats": stats}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        Criterion.load_state_dict(self, state)
+        unknown = sorted(set(state.get("stats", {})) - set(self.stats.stats))
+        if unknown:
+            raise SecateursError(f"criterion.stats: got {unknown}; allowed: {sorted(self.stats.stats)}")
+        self.count = int(state.get("count", 0))
+        for name, stat in self.stats.stats.items():
+            saved = state.get("stats", {}).get(name)
+            stat.total = None if saved is None else saved["total"].clone()
+            stat.count = None if saved is None else saved["count"].clone()
+
+
+@register
+class SynFlowCriterion(Criterion):
+    """Iterative synaptic flow (Tanaka et al. 2020): data-free, avoids layer collapse.
+
+    Each round takes a copy of the model with every parameter and buffer replaced by its
+    absolute value (pruned weights zero), feeds a single all-ones input in float64, and scores
+    ``|w * dR/dw|`` with ``R`` the sum of the outputs. A step of the pruner runs ``iterations``
+    rounds, shrinking the density exponentially towards the target. The input shape (without the
+    batch dimension) is given here or taken from the first batch passed to ``Pruner.score``.
+    """
+
+    name = "synflow"
+
+    def __init__(self, iterations: int = 100, input_shape: Sequence[int] | None = None):
+        super().__init__()
+        if not (isinstance(iterations, int) and iterations >= 1):
+            raise SecateursError(f"criterion.iterations: got {iterations!r}; allowed: an integer >= 1")
+        self.iterations = iterations
+        self.input_shape = None if input_shape is None else tuple(int(v) for v in input_shape)
+        self._copy: nn.Module | None = None
+        self._scores: list[torch.Tensor] = []
+
+    def observe(self, batches: Iterable[Any], loss_fn: LossFn | None, *, max_batches: int | None = None) -> int:
+        if self.input_shape is None:
+            inputs, _ = next(_batches(batches, 1))
+            if not isinstance(inputs, torch.Tensor):
+                raise SecateursError(
+                    f"criterion: got 'synflow' with inputs of type {type(inputs).__name__}; allowed: "
+                    "a single input tensor"
+                )
+            self.input_shape = tuple(inputs.shape[1:])
+        return 0
+
+    def ready(self) -> bool:
+        return self.input_shape is not None
+
+    def prepare(self, masks: Sequence[torch.Tensor]) -> None:
+        if self.input_shape is None:
+            raise SecateursError(
+                "criterion: got 'synflow' without an input shape; allowed: "
+                "SynFlowCriterion(input_shape=(C, H, W)) or call Pruner.score(batches) first"
+            )
+        assert self.model is not None
+        if self._copy is None:
+            self._copy = copy.deepcopy(self.model).double().eval()
+            self._names = [t.name for t in self.targets]
+            with torch.no_grad():
+                for value in self._copy.state_dict().values():
+                    if value.is_floating_point():
+                        value.abs_()
+        copied = dict(self._copy.named_parameters())
+        weights = [copied[name] for name in self._names]
+        with torch.no_grad():
+            for weight, mask, target in zip(weights, masks, self.targets, strict=True):
+                weight.copy_(target.param.detach().abs() * mask)
+        device = weights[0].device
+        self._copy.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            out = self._copy(torch.ones((1, *self.input_shape), dtype=torch.float64, device=device))
+            grads = torch.autograd.grad(out.sum(), weights, allow_unused=True)
+        self._scores = [
+            (torch.zeros_like(w) if g is None else (g * w).abs()).reshape(-1)
+            for w, g in zip(weights, grads, strict=True)
+        ]
+
+    def chunk(self, index: int, start: int, stop: int) -> torch.Tensor:
+        return self._scores[index][start:stop]
+
+    def release(self) -> None:
+        self._scores = []
+
+    def finish(self) -> None:
+        """Drop the model copy (called once a whole pruning step is done)."""
+        self._copy = None
+
+    def options(self) -> dict[str, Any]:
+        return {"iterations": self.iterations, "input_shape": None if self.input_shape is None else list(self.input_shape)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        shape = state["options"].get("input_shape")
+        self.input_shape = None if shape is None else tuple(shape)
+        self.iterations = int(state["options"].get("iterations", self.iterations))
+
+
+CRITERIA: tuple[str, ...] = tuple(REGISTRY)
+"""Names of the registered criteria."""
+
+
+def make_criterion(criterion: str | Criterion, **options: Any) -> Criterion:
+    """A criterion instance from a name (with constructor ``options``) or an instance.
+
+    >>> make_criterion("magnitude", p=2)
+    MagnitudeCriterion(p=2)
+    """
+    if isinstance(criterion, Criterion):
+        return criterion
+    if not isinstance(criterion, str) or criterion not in REGISTRY:
+        raise SecateursError(f"criterion: got {criterion!r}; allowed: {', '.join(REGISTRY)}")
+    try:
+        return REGISTRY[criterion](**options)
+    except TypeError as exc:
+        raise SecateursError(f"criterion options: got {options!r} for {criterion!r}; {exc}") from None

@@ -1,0 +1,194 @@
+"""How sparse a model is, layer by layer: :func:`sparsity_report`.
+
+Sparsity is read from the weights themselves (elements exactly equal to zero), so the report
+is right whatever pruned the model. FLOPs come from
+``torch_pruning.utils.count_ops_and_params`` on example inputs (multiply-accumulates of the dense
+layer); ``sparse_flops`` scales each weight's share by its density, which is what a sparse kernel
+would execute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from secateurs.prune.masks import Target, find_targets
+
+__all__ = ["LayerSparsity", "SparsityReport", "sparsity_report"]
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    """One targeted weight."""
+
+    name: str
+    module: str
+    kind: str
+    shape: tuple[int, ...]
+    params: int
+    zeros: int
+    sparsity: float
+    flops: int | None = None
+    sparse_flops: int | None = None
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """Per-layer rows plus totals: ``params``/``zeros``/``sparsity`` over the targeted weights,
+    ``model_params``/``model_zeros`` over every parameter, ``flops``/``sparse_flops`` for the
+    whole model (every layer torch_pruning counts, not only the targeted ones)."""
+
+    layers: list[LayerSparsity]
+    params: int
+    zeros: int
+    sparsity: float
+    model_params: int
+    model_zeros: int
+    flops: int | None = None
+    sparse_flops: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (tuples become lists)."""
+        out = asdict(self)
+        for row in out["layers"]:
+            row["shape"] = list(row["shape"])
+        return out
+
+    def to_markdown(self) -> str:
+        """A GitHub-flavoured markdown table, one row per weight and a total row."""
+        with_flops = self.flops is not None
+        head = ["layer", "shape", "params", "zeros", "sparsity"] + (["FLOPs", "sparse FLOPs"] if with_flops else [])
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(head) - 1)) + "|"]
+        for row in self.layers:
+            cells = [row.name, "x".join(map(str, row.shape)), f"{row.params:,}", f"{row.zeros:,}", f"{row.sparsity:.2%}"]
+            if with_flops:
+                cells += [_count(row.flops), _count(row.sparse_flops)]
+            lines.append("| " + " | ".join(cells) + " |")
+        total = ["**total**", "", f"{self.params:,}", f"{self.zeros:,}", f"{self.sparsity:.2%}"]
+        if with_flops:
+            total += [_count(self.flops), _count(self.sparse_flops)]
+        lines.append("| " + " | ".join(total) + " |")
+        return "\n".join(lines)
+
+    def to_rich(self) -> Any:
+        """The same table as a ``rich.table.Table``."""
+        from rich.table import Table
+
+        with_flops = self.flops is not None
+        table = Table(title="sparsity by layer")
+        for column in ["layer", "shape", "params", "zeros", "sparsity"] + (["FLOPs", "sparse FLOPs"] if with_flops else []):
+            table.add_column(column, justify="left" if column in ("layer", "shape") else "right")
+        for row in self.layers:
+            cells = [row.name, "x".join(map(str, row.shape)), f"{row.params:,}", f"{row.zeros:,}", f"{row.sparsity:.2%}"]
+            table.add_row(*cells, *([_count(row.flops), _count(row.sparse_flops)] if with_flops else []))
+        total = ["total", "", f"{self.params:,}", f"{self.zeros:,}", f"{self.sparsity:.2%}"]
+        table.add_row(*total, *([_count(self.flops), _count(self.sparse_flops)] if with_flops else []), style="bold")
+        return table
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+def _count(value: int | None) -> str:
+    if value is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return str(value)
+
+
+def _layer_flops(model: nn.Module, example_inputs: Any, targets: list[Target]) -> tuple[int, dict[str, int]]:
+    """Dense FLOPs attributed to each target: its module's count, shared by the module's targeted
+    weights in proportion to their size (e.g. an LSTM's ih/hh weights, an attention block's
+    in_proj and out_proj, whose count torch_pruning reports on the attention module)."""
+    import torch_pruning as tp
+
+    total_flops, _, per_module, _ = tp.utils.count_ops_and_params(model, example_inputs, layer_wise=True)
+    modules = dict(model.named_modules())
+
+    def owner(target: Target) -> str | None:
+        parts = target.module_name.split(".") if target.module_name else []
+        while True:
+            name = ".".join(parts)
+            module = modules.get(name)
+            if module is not None and per_module.get(module):
+                return name
+            if not parts:
+                return None
+            parts.pop()
+
+    groups: dict[str, list[Target]] = {}
+    for target in targets:
+        key = owner(target)
+        if key is not None:
+            groups.setdefault(key, []).append(target)
+    out: dict[str, int] = {}
+    for key, members in groups.items():
+        total = int(per_module[modules[key]])
+        weight = sum(t.numel for t in members)
+        for t in members:
+            out[t.name] = round(total * t.numel / weight)
+    return int(total_flops), out
+
+
+@torch.no_grad()
+def sparsity_report(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    targets: Iterable[str | type[nn.Module]] | None = None,
+    exclude: Iterable[str | type[nn.Module]] = (),
+) -> SparsityReport:
+    """Params, zeros, sparsity (and FLOPs given ``example_inputs``) per prunable weight.
+
+    ``targets``/``exclude`` choose the rows as for :class:`~secateurs.prune.Pruner`.
+
+    >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> with torch.no_grad():
+    ...     model[0].weight[:2] = 0
+    >>> report = sparsity_report(model, torch.zeros(1, 4))
+    >>> [(row.name, row.zeros, row.flops, row.sparse_flops) for row in report.layers]
+    [('0.weight', 8, 20, 10), ('2.weight', 0, 10, 10)]
+    """
+    chosen = find_targets(model, targets, exclude)
+    total_flops, flops = _layer_flops(model, example_inputs, chosen) if example_inputs is not None else (None, {})
+    layers = []
+    for target in chosen:
+        weight = target.param.detach()
+        zeros = int((weight == 0).sum())
+        params = weight.numel()
+        sparsity = zeros / params if params else 0.0
+        dense = flops.get(target.name)
+        layers.append(
+            LayerSparsity(
+                name=target.name,
+                module=target.module_name,
+                kind=type(target.module).__name__,
+                shape=tuple(weight.shape),
+                params=params,
+                zeros=zeros,
+                sparsity=sparsity,
+                flops=dense,
+                sparse_flops=None if dense is None else round(dense * (1.0 - sparsity)),
+            )
+        )
+    params = sum(row.params for row in layers)
+    zeros = sum(row.zeros for row in layers)
+    all_params = list({id(p): p for p in model.parameters()}.values())
+    saved = sum(row.flops - row.sparse_flops for row in layers if row.flops is not None and row.sparse_flops is not None)
+    return SparsityReport(
+        layers=layers,
+        params=params,
+        zeros=zeros,
+        sparsity=zeros / params if params else 0.0,
+        model_params=sum(p.numel() for p in all_params),
+        model_zeros=sum(int((p.detach() == 0).sum()) for p in all_params),
+        flops=total_flops,
+        sparse_flops=None if total_flops is None else total_flops - saved,
+    )

@@ -1,0 +1,355 @@
+"""When to prune and to what sparsity, shaped like learning-rate schedulers.
+
+A schedule counts ticks; the caller decides whether a tick is an epoch or a batch. Each
+``step()`` first prunes if the current tick is a pruning tick, then advances::
+
+    schedule = AGP(pruner, start=0, end=8, frequency=2)
+    for epoch in range(schedule.length):
+        if schedule.prunes_next() and pruner.requires_data:
+            pruner.score(batches, loss_fn)
+        schedule.step()
+        train_one_epoch()
+
+Targets are absolute: each pruning step asks the pruner for "this fraction of the targeted
+weights", never "this fraction of what is left", so nothing compounds by accident.
+
+===========  ==================================================================================
+``oneshot``  prune once to the final sparsity at tick ``at``
+``iterative`` ``rounds`` prunes ``finetune_epochs`` ticks apart, each removing the same fraction of
+             the remaining weights (Han et al. 2015; Frankle & Carbin 2019), or linear steps
+``agp``      Zhu & Gupta 2017: ``s_t = s_f + (s_i - s_f)(1 - (t - t0) / (t_end - t0))**3`` every
+             ``frequency`` ticks from ``start`` to ``end``
+===========  ==================================================================================
+
+:class:`Rewind` wraps any of them for lottery-ticket training: after every prune the weights go
+back to their values at tick ``at`` (0: the initialisation) and the masks are re-applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from secateurs.errors import SecateursError
+from secateurs.prune.pruner import Pruner, check_sparsity
+
+__all__ = ["AGP", "SCHEDULES", "Iterative", "OneShot", "Rewind", "Schedule", "make_schedule"]
+
+
+def _check_int(value: object, field: str, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise SecateursError(f"{field}: got {value!r}; allowed: an integer >= {minimum}")
+    return value
+
+
+class Schedule:
+    """Base class: subclasses say at which ticks to prune (:meth:`sparsity_at`) and how long the
+    schedule lasts (:attr:`length`, fine-tuning after the last prune included)."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, pruner: Pruner, *, sparsity: float | None = None):
+        if not isinstance(pruner, Pruner):
+            raise SecateursError(f"pruner: got {type(pruner).__name__}; allowed: a secateurs.prune.Pruner")
+        self.pruner = pruner
+        self.final_sparsity = pruner.sparsity if sparsity is None else check_sparsity(sparsity)
+        self.tick = 0
+        self.sparsity = pruner.current_sparsity
+        """The target of the latest prune (the current sparsity before any)."""
+
+    def sparsity_at(self, tick: int) -> float | None:
+        """Target sparsity if ``tick`` is a pruning tick, else None."""
+        raise NotImplementedError
+
+    @property
+    def length(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def last_prune(self) -> int:
+        """The last pruning tick."""
+        raise NotImplementedError
+
+    def prunes_next(self) -> bool:
+        """Whether the next :meth:`step` prunes (score a data criterion before it)."""
+        return self.sparsity_at(self.tick) is not None
+
+    @property
+    def done(self) -> bool:
+        """True once all :attr:`length` ticks have been stepped."""
+        return self.tick >= self.length
+
+    def step(self) -> bool:
+        """Prune if this tick is due, then advance one tick; returns whether it pruned."""
+        target = self.sparsity_at(self.tick)
+        if target is not None:
+            self.pruner.step(target)
+            self.sparsity = target
+        self.tick += 1
+        return target is not None
+
+    def options(self) -> dict[str, Any]:
+        return {"sparsity": self.final_sparsity}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "tick": self.tick, "sparsity": self.sparsity, "options": self.options()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise SecateursError(f"schedule state: got {state.get('name')!r}; allowed: state saved by {self.name!r}")
+        self.tick = int(state["tick"])
+        self.sparsity = float(state["sparsity"])
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({args}, tick={self.tick})"
+
+
+class OneShot(Schedule):
+    """Prune once, at tick ``at``, to the pruner's sparsity.
+
+    >>> from torch import nn
+    >>> schedule = OneShot(Pruner(nn.Linear(10, 10), sparsity=0.5))
+    >>> schedule.prunes_next(), schedule.step(), schedule.sparsity, schedule.done
+    (True, True, 0.5, True)
+    """
+
+    name = "oneshot"
+
+    def __init__(self, pruner: Pruner, *, at: int = 0, sparsity: float | None = None):
+        super().__init__(pruner, sparsity=sparsity)
+        self.at = _check_int(at, "schedule.at", 0)
+
+    def sparsity_at(self, tick: int) -> float | None:
+        return self.final_sparsity if tick == self.at else None
+
+    @property
+    def length(self) -> int:
+        return self.at + 1
+
+    @property
+    def last_prune(self) -> int:
+        return self.at
+
+    def options(self) -> dict[str, Any]:
+        return super().options() | {"at": self.at}
+
+
+class Iterative(Schedule):
+    """``rounds`` prunes, ``finetune_epochs`` ticks apart, starting at tick ``start``.
+
+    With ``spacing="geometric"`` (default) every round removes the same fraction of the weights
+    still there, so round ``r`` of ``R`` reaches ``1 - (1 - s)**(r / R)``; ``"linear"`` reaches
+    ``s * r / R``.
+
+    >>> from torch import nn
+    >>> schedule = Iterative(Pruner(nn.Linear(10, 10), sparsity=0.75), rounds=2, finetune_epochs=3)
+    >>> [schedule.sparsity_at(t) for t in range(schedule.length)]
+    [0.5, None, None, 0.75, None, None]
+    """
+
+    name = "iterative"
+    SPACINGS: ClassVar[tuple[str, ...]] = ("geometric", "linear")
+
+    def __init__(
+        self,
+        pruner: Pruner,
+        *,
+        rounds: int,
+        finetune_epochs: int,
+        start: int = 0,
+        spacing: str = "geometric",
+        sparsity: float | None = None,
+    ):
+        super().__init__(pruner, sparsity=sparsity)
+        self.rounds = _check_int(rounds, "schedule.rounds", 1)
+        self.finetune_epochs = _check_int(finetune_epochs, "schedule.finetune_epochs", 1)
+        self.start = _check_int(start, "schedule.start", 0)
+        if spacing not in self.SPACINGS:
+            raise SecateursError(f"schedule.spacing: got {spacing!r}; allowed: {', '.join(self.SPACINGS)}")
+        self.spacing = spacing
+
+    def sparsity_at(self, tick: int) -> float | None:
+        offset = tick - self.start
+        if offset < 0 or offset % self.finetune_epochs or offset // self.finetune_epochs >= self.rounds:
+            return None
+        fraction = (offset // self.finetune_epochs + 1) / self.rounds
+        if self.spacing == "linear":
+            return self.final_sparsity * fraction
+        return 1.0 - (1.0 - self.final_sparsity) ** fraction
+
+    @property
+    def length(self) -> int:
+        return self.start + self.rounds * self.finetune_epochs
+
+    @property
+    def last_prune(self) -> int:
+        return self.start + (self.rounds - 1) * self.finetune_epochs
+
+    def options(self) -> dict[str, Any]:
+        return super().options() | {
+            "rounds": self.rounds,
+            "finetune_epochs": self.finetune_epochs,
+            "start": self.start,
+            "spacing": self.spacing,
+        }
+
+
+class AGP(Schedule):
+    """Automated gradual pruning (Zhu & Gupta 2017): cubic ramp from ``initial`` at tick
+    ``start`` to the final sparsity at tick ``end``, pruning every ``frequency`` ticks (and at
+    ``end``).
+
+    >>> from torch import nn
+    >>> schedule = AGP(Pruner(nn.Linear(10, 10), sparsity=0.8), start=0, end=4, frequency=2)
+    >>> [None if s is None else round(s, 3) for s in map(schedule.sparsity_at, range(schedule.length))]
+    [0.0, None, 0.7, None, 0.8]
+    """
+
+    name = "agp"
+
+    def __init__(
+        self,
+        pruner: Pruner,
+        *,
+        start: int = 0,
+        end: int,
+        frequency: int = 1,
+        initial: float = 0.0,
+        sparsity: float | None = None,
+    ):
+        super().__init__(pruner, sparsity=sparsity)
+        self.start = _check_int(start, "schedule.start", 0)
+        self.end = _check_int(end, "schedule.end", self.start)
+        self.frequency = _check_int(frequency, "schedule.frequency", 1)
+        self.initial = check_sparsity(initial, "schedule.initial")
+        if self.initial > self.final_sparsity:
+            raise SecateursError(
+                f"schedule.initial: got {initial!r}; allowed: at most the final sparsity {self.final_sparsity}"
+            )
+
+    def sparsity_at(self, tick: int) -> float | None:
+        if tick < self.start or tick > self.end:
+            return None
+        if (tick - self.start) % self.frequency and tick != self.end:
+            return None
+        span = self.end - self.start
+        progress = 1.0 if span == 0 else (tick - self.start) / span
+        return self.final_sparsity + (self.initial - self.final_sparsity) * (1.0 - progress) ** 3
+
+    @property
+    def length(self) -> int:
+        return self.end + 1
+
+    @property
+    def last_prune(self) -> int:
+        return self.end
+
+    def options(self) -> dict[str, Any]:
+        return super().options() | {
+            "start": self.start,
+            "end": self.end,
+            "frequency": self.frequency,
+            "initial": self.initial,
+        }
+
+
+class Rewind(Schedule):
+    """Lottery-ticket rewinding around another schedule (Frankle & Carbin 2019; Frankle et al.
+    2020 for rewinding to an early tick).
+
+    The model's full state (weights and buffers) is copied when tick ``at`` begins (0: before
+    any training, the initialisation), or taken from ``state``. After every later prune the model
+    is reset to that copy and the masks are re-applied, so the surviving weights restart from
+    their early values. :attr:`rewound` tells the caller to reset its optimizer and LR schedule.
+    """
+
+    name = "rewind"
+
+    def __init__(self, schedule: Schedule, *, at: int = 0, state: Mapping[str, torch.Tensor] | None = None):
+        if not isinstance(schedule, Schedule) or isinstance(schedule, Rewind):
+            raise SecateursError(f"schedule: got {type(schedule).__name__}; allowed: OneShot, Iterative or AGP")
+        self.inner = schedule
+        self.pruner = schedule.pruner
+        self.at = _check_int(at, "schedule.rewind_at", 0)
+        self.snapshot: dict[str, torch.Tensor] | None = (
+            None if state is None else {k: v.detach().clone() for k, v in state.items()}
+        )
+        self.rewound = False
+
+    @property
+    def tick(self) -> int:  # type: ignore[override]
+        return self.inner.tick
+
+    @property
+    def sparsity(self) -> float:  # type: ignore[override]
+        return self.inner.sparsity
+
+    @property
+    def final_sparsity(self) -> float:  # type: ignore[override]
+        return self.inner.final_sparsity
+
+    def sparsity_at(self, tick: int) -> float | None:
+        return self.inner.sparsity_at(tick)
+
+    @property
+    def length(self) -> int:
+        return self.inner.length
+
+    @property
+    def last_prune(self) -> int:
+        return self.inner.last_prune
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        tick = self.inner.tick
+        if self.snapshot is None and tick >= self.at:
+            self.snapshot = {k: v.detach().clone() for k, v in self.pruner.model.state_dict().items()}
+        pruned = self.inner.step()
+        self.rewound = False
+        if pruned and tick > self.at and self.snapshot is not None:
+            self.pruner.model.load_state_dict(self.snapshot)
+            self.pruner.apply_()
+            self.rewound = True
+        return pruned
+
+    def options(self) -> dict[str, Any]:
+        return {"at": self.at, "inner": self.inner.name}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "at": self.at,
+            "inner": self.inner.state_dict(),
+            "snapshot": self.snapshot,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise SecateursError(f"schedule state: got {state.get('name')!r}; allowed: state saved by 'rewind'")
+        self.inner.load_state_dict(state["inner"])
+        snapshot = state.get("snapshot")
+        self.snapshot = None if snapshot is None else {k: v.clone() for k, v in snapshot.items()}
+
+
+_SCHEDULES: dict[str, type[Schedule]] = {"oneshot": OneShot, "iterative": Iterative, "agp": AGP}
+SCHEDULES: tuple[str, ...] = tuple(_SCHEDULES)
+"""Schedule names accepted by :func:`make_schedule`."""
+
+
+def make_schedule(name: str, pruner: Pruner, *, rewind_at: int | None = None, **options: Any) -> Schedule:
+    """A schedule by name; ``rewind_at`` wraps it in :class:`Rewind`.
+
+    >>> from torch import nn
+    >>> make_schedule("agp", Pruner(nn.Linear(4, 4), sparsity=0.5), end=10, frequency=2)
+    AGP(sparsity=0.5, start=0, end=10, frequency=2, initial=0.0, tick=0)
+    """
+    if name not in _SCHEDULES:
+        raise SecateursError(f"schedule: got {name!r}; allowed: {', '.join(SCHEDULES)}")
+    try:
+        schedule = _SCHEDULES[name](pruner, **options)
+    except TypeError as exc:
+        raise SecateursError(f"schedule options: got {sorted(options)} for {name!r}; {exc}") from None
+    return schedule if rewind_at is None else Rewind(schedule, at=rewind_at)

@@ -61,7 +61,7 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """
     _op_counter.CUSTOM_MODULES_MAPPING = {t: _recurrent_macs for t in (nn.RNN, nn.LSTM, nn.GRU)}
     macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
-    return int(macs)
+    return round(macs)
 
 
 def count_params(model: nn.Module) -> int:

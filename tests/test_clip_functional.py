@@ -1,0 +1,177 @@
+"""The clipping functions against independent references (torch's own, or hand-computed values)."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import math
+
+import pytest
+import torch
+
+from secateurs.clip import agc_, by_global_norm_, by_norm_, by_value_, clamp_params_
+
+NORM_TYPES = [1.0, 2.0, math.inf]
+
+
+def make_params(seed: int = 0, scale: float = 1.0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(8, 5), (8,), (3, 2, 3, 3), (3,), (17,)]
+    params = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.randn(s, generator=g))
+        p.grad = torch.randn(s, generator=g) * scale
+        params.append(p)
+    return params
+
+
+def clone(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    out = []
+    for p in params:
+        q = torch.nn.Parameter(p.detach().clone())
+        q.grad = None if p.grad is None else p.grad.clone()
+        out.append(q)
+    return out
+
+
+def assert_same_grads(a: list[torch.nn.Parameter], b: list[torch.nn.Parameter]) -> None:
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x.grad, y.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_by_global_norm_equals_torch_clip_grad_norm_when_clipping(norm_type: float) -> None:
+    ours, ref = make_params(), make_params()
+    norm = by_global_norm_(ours, max_norm=0.5, norm_type=norm_type)
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref, 0.5, norm_type=norm_type, foreach=True)
+    assert isinstance(norm, torch.Tensor) and norm.dim() == 0
+    torch.testing.assert_close(norm, ref_norm, rtol=0, atol=0)
+    assert_same_grads(ours, ref)
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_by_global_norm_leaves_grads_untouched_under_the_threshold(norm_type: float) -> None:
+    ours, ref = make_params(), make_params()
+    norm = by_global_norm_(ours, max_norm=1e6, norm_type=norm_type)
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref, 1e6, norm_type=norm_type)
+    torch.testing.assert_close(norm, ref_norm, rtol=0, atol=0)
+    assert_same_grads(ours, ref)
+
+
+def test_by_global_norm_turns_nan_grads_into_nan_like_torch() -> None:
+    ours, ref = make_params(), make_params()
+    ours[0].grad[0, 0] = math.nan
+    ref[0].grad[0, 0] = math.nan
+    assert torch.isnan(by_global_norm_(ours, 1.0))
+    torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    for x, y in zip(ours, ref, strict=True):
+        assert torch.equal(torch.isnan(x.grad), torch.isnan(y.grad))
+
+
+def test_by_global_norm_skips_params_without_grad() -> None:
+    params = make_params()
+    params[1].grad = None
+    ref = clone(params)
+    by_global_norm_(params, 0.1)
+    torch.nn.utils.clip_grad_norm_(ref, 0.1)
+    assert params[1].grad is None
+    assert_same_grads([p for p in params if p.grad is not None], [p for p in ref if p.grad is not None])
+
+
+def test_by_global_norm_accepts_a_single_tensor_and_the_string_inf() -> None:
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([3.0, -4.0, 1.0])
+    assert by_global_norm_(p, 2.0, norm_type="inf").item() == 4.0
+    torch.testing.assert_close(p.grad, torch.tensor([3.0, -4.0, 1.0]) * (2.0 / (4.0 + 1e-6)))
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_by_norm_clips_each_tensor_like_torch_on_that_tensor_alone(norm_type: float) -> None:
+    ours, ref = make_params(), make_params()
+    total = by_norm_(ours, max_norm=1.0, norm_type=norm_type)
+    ref_norms = [torch.nn.utils.clip_grad_norm_([p], 1.0, norm_type=norm_type) for p in ref]
+    torch.testing.assert_close(total, torch.linalg.vector_norm(torch.stack(ref_norms), norm_type))
+    assert_same_grads(ours, ref)
+
+
+def test_by_value_equals_torch_clip_grad_value_() -> None:
+    ours, ref = make_params(), make_params()
+    expected_norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ours]))
+    norm = by_value_(ours, 0.3)
+    torch.nn.utils.clip_grad_value_(ref, 0.3)
+    torch.testing.assert_close(norm, expected_norm)
+    assert_same_grads(ours, ref)
+
+
+def test_agc_matches_hand_computed_values() -> None:
+    # clipping 0.01, eps 1e-3: a unit's gradient may have norm clipping * max(|W_unit|, eps)
+    linear = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
+    linear.grad = torch.tensor([[0.3, 0.4], [1e-6, 0.0]])  # row 0: 0.5 > 0.05; row 1: 1e-6 < 1e-5
+    conv = torch.nn.Parameter(torch.tensor([[[[1.0, 0.0]]], [[[0.0, 2.0]]]]))  # [2, 1, 1, 2]
+    conv.grad = torch.tensor([[[[0.0, 1.0]]], [[[0.01, 0.0]]]])  # ch 0: 1 > 0.01; ch 1: 0.01 < 0.02
+    bias = torch.nn.Parameter(torch.tensor([1.0, 0.0]))
+    bias.grad = torch.tensor([0.0, 0.005])  # whole vector: 0.005 < 0.01
+    gain = torch.nn.Parameter(torch.tensor([2.0]))
+    gain.grad = torch.tensor([1.0])  # 1 > 0.02
+    params = [linear, conv, bias, gain]
+    before = math.sqrt(0.5**2 + 1e-12 + 1.0 + 0.01**2 + 0.005**2 + 1.0)
+
+    norm = agc_(params, clipping=0.01, eps=1e-3)
+
+    assert norm.item() == pytest.approx(before, rel=1e-6)
+    torch.testing.assert_close(linear.grad, torch.tensor([[0.03, 0.04], [1e-6, 0.0]]))
+    torch.testing.assert_close(conv.grad, torch.tensor([[[[0.0, 0.01]]], [[[0.01, 0.0]]]]))
+    torch.testing.assert_close(bias.grad, torch.tensor([0.0, 0.005]))
+    torch.testing.assert_close(gain.grad, torch.tensor([0.02]))
+
+
+def reference_agc(w: torch.Tensor, g: torch.Tensor, clipping: float, eps: float) -> torch.Tensor:
+    """Row-by-row loop, the plainest reading of Brock et al.'s formula."""
+    rows_w = w.reshape(w.shape[0], -1) if w.dim() > 1 else w.reshape(1, -1)
+    rows_g = g.reshape(rows_w.shape).clone()
+    for i in range(rows_g.shape[0]):
+        bound = clipping * max(rows_w[i].norm().item(), eps)
+        gn = rows_g[i].norm().item()
+        if gn >= bound:
+            rows_g[i] *= bound / max(gn, 1e-6)
+    return rows_g.reshape(g.shape)
+
+
+def test_agc_on_many_small_and_some_large_tensors_matches_a_row_loop() -> None:
+    g = torch.Generator().manual_seed(3)
+    shapes = [(4, 3)] * 6 + [(4,)] * 6 + [(300, 300), (70000,), (5, 2, 3, 3)]
+    params = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.randn(s, generator=g))
+        p.grad = torch.randn(s, generator=g) * 0.05
+        params.append(p)
+    expected = [reference_agc(p.detach(), p.grad, 0.02, 1e-3) for p in params]
+    agc_(params, clipping=0.02)
+    for p, e in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-7)
+
+
+def test_clamp_params_clamps_values_and_returns_their_norm() -> None:
+    params = make_params()
+    expected = [p.detach().clamp(-0.5, 0.25) for p in params]
+    norm_before = torch.linalg.vector_norm(torch.cat([p.detach().flatten() for p in params]))
+    norm = clamp_params_(params, -0.5, 0.25)
+    torch.testing.assert_close(norm, norm_before)
+    for p, e in zip(params, expected, strict=True):
+        assert torch.equal(p.detach(), e)
+
+
+def test_clamp_params_with_one_bound_only() -> None:
+    p = torch.nn.Parameter(torch.tensor([-2.0, 3.0]))
+    clamp_params_([p], max=1.0)
+    assert p.detach().tolist() == [-2.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["functional", "rules", "autoclip", "registry", "log", "wrap", "__init__"],
+)
+def test_docstring_examples_run(module: str) -> None:
+    name = "secateurs.clip" if module == "__init__" else f"secateurs.clip.{module}"
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted > 0

@@ -1,0 +1,337 @@
+"""Clipping rules: results against references, adaptive recurrences, state round trips."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+
+from secateurs.clip import (
+    AGC,
+    AdaGC,
+    AutoClip,
+    Chain,
+    ClipStats,
+    GlobalNorm,
+    Norm,
+    Rule,
+    Value,
+    ZClip,
+    agc_,
+)
+from secateurs.errors import SecateursError
+
+
+def params_with_grads(seed: int, scale: float = 1.0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for s in [(6, 4), (6,), (2, 3, 3, 3)]:
+        p = torch.nn.Parameter(torch.randn(s, generator=g))
+        p.grad = torch.randn(s, generator=g) * scale
+        out.append(p)
+    return out
+
+
+def scalar_param(value: float) -> list[torch.nn.Parameter]:
+    """One parameter whose gradient norm is exactly ``abs(value)``."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    p.grad = torch.tensor([float(value)])
+    return [p]
+
+
+def test_global_norm_rule_equals_torch_clip_grad_norm_() -> None:
+    ours, ref = params_with_grads(0), params_with_grads(0)
+    stats = GlobalNorm(0.7)(ours)
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref, 0.7)
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.equal(a.grad, b.grad)
+    assert torch.equal(stats.norm_before, ref_norm)
+    assert stats.clipped.item() is True
+    assert stats.norm_after.item() == pytest.approx(0.7, rel=1e-5)
+    assert stats.threshold.item() == pytest.approx(0.7)
+
+
+def test_global_norm_rule_reports_not_clipped_under_threshold() -> None:
+    params = params_with_grads(0)
+    before = [p.grad.clone() for p in params]
+    stats = GlobalNorm(1e6)(params)
+    assert stats.clipped.item() is False
+    assert torch.equal(stats.norm_after, stats.norm_before)
+    for p, b in zip(params, before, strict=True):
+        assert torch.equal(p.grad, b)
+
+
+def test_norm_rule_equals_per_tensor_torch_clipping() -> None:
+    ours, ref = params_with_grads(1), params_with_grads(1)
+    stats = Norm(1.0, norm_type=math.inf)(ours)
+    for p in ref:
+        torch.nn.utils.clip_grad_norm_([p], 1.0, norm_type=math.inf)
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.equal(a.grad, b.grad)
+    assert stats.clipped.item() is True
+
+
+def test_value_rule_equals_torch_clip_grad_value_and_reports_after_norm() -> None:
+    ours, ref = params_with_grads(2), params_with_grads(2)
+    stats = Value(0.5)(ours)
+    torch.nn.utils.clip_grad_value_(ref, 0.5)
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.equal(a.grad, b.grad)
+    after = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ref]))
+    torch.testing.assert_close(stats.norm_after, after)
+    assert stats.clipped.item() is True
+
+
+def test_agc_rule_equals_agc_function() -> None:
+    ours, ref = params_with_grads(3, scale=0.1), params_with_grads(3, scale=0.1)
+    stats = AGC(0.05)(ours)
+    norm = agc_(ref, 0.05)
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.equal(a.grad, b.grad)
+    assert torch.equal(stats.norm_before, norm)
+    after = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ref]))
+    torch.testing.assert_close(stats.norm_after, after)
+
+
+def test_chain_applies_rules_in_order() -> None:
+    ours, ref = params_with_grads(4), params_with_grads(4)
+    stats = Chain(Value(0.5), GlobalNorm(1.0))(ours)
+    torch.nn.utils.clip_grad_value_(ref, 0.5)
+    torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.equal(a.grad, b.grad)
+    assert stats.threshold.item() == 1.0
+
+
+def test_rule_on_params_without_grads_reports_zero_norm() -> None:
+    p = torch.nn.Parameter(torch.ones(3))
+    stats = GlobalNorm(1.0)([p])
+    assert stats.norm_before.item() == 0.0 and stats.clipped.item() is False
+
+
+# -- AutoClip -----------------------------------------------------------------------------------
+
+
+def test_autoclip_threshold_is_numpy_percentile_of_its_bounded_history() -> None:
+    rng = np.random.default_rng(0)
+    rule = AutoClip(percentile=25, history=12)
+    seen: list[float] = []
+    for step in range(40):
+        params = params_with_grads(step, scale=float(rng.lognormal()))
+        stats = rule(params)
+        seen.append(float(stats.norm_before))
+        expected = np.percentile(np.array(seen[-12:], dtype=np.float32), 25)
+        assert stats.threshold.item() == pytest.approx(float(expected), rel=1e-5), step
+        assert stats.norm_after.item() == pytest.approx(min(seen[-1], float(expected)), rel=1e-5)
+
+
+def test_autoclip_default_percentile_is_ten() -> None:
+    rule = AutoClip()
+    norms = [float(v) for v in range(1, 22)]
+    for v in norms:
+        stats = rule(scalar_param(v))
+    assert stats.threshold.item() == pytest.approx(float(np.percentile(norms, 10)))
+
+
+def test_autoclip_does_not_record_non_finite_norms() -> None:
+    rule = AutoClip(percentile=50)
+    for v in (1.0, 2.0, math.nan, 3.0):
+        stats = rule(scalar_param(v))
+    assert stats.threshold.item() == pytest.approx(2.0)
+    assert rule.state_dict()["count"].item() == 3
+
+
+# -- ZClip --------------------------------------------------------------------------------------
+
+
+def zclip_reference(norms: list[float], alpha: float, z_thresh: float, warmup: int) -> list[float]:
+    """The recurrence of Kumar et al. 2025 in float64; returns the norm after clipping per step."""
+    out, buffer = [], []
+    mean = var = None
+    for g in norms:
+        if mean is None:
+            buffer.append(g)
+            if len(buffer) == warmup:
+                mean = sum(buffer) / warmup
+                var = sum((x - mean) ** 2 for x in buffer) / warmup
+            out.append(g)
+            continue
+        std = math.sqrt(var)
+        z = (g - mean) / (std + 1e-6)
+        if z > z_thresh:
+            g_star = mean + z_thresh**2 * std / z
+            out.append(g * min(g_star / (g + 1e-6), 1.0))  # clip_grad_norm_'s factor
+        else:
+            g_star = g
+            out.append(g)
+        mean = alpha * mean + (1 - alpha) * g_star
+        var = alpha * var + (1 - alpha) * (g_star - mean) ** 2
+    return out
+
+
+def test_zclip_follows_its_recurrence_on_a_planted_spike_sequence() -> None:
+    rng = np.random.default_rng(1)
+    norms = list(1.0 + 0.05 * rng.standard_normal(80))
+    spikes = {40: 10.0, 41: 6.0, 65: 4.0}
+    for i, v in spikes.items():
+        norms[i] = v
+    expected = zclip_reference(norms, alpha=0.97, z_thresh=2.5, warmup=25)
+
+    rule = ZClip()
+    clipped_at = []
+    for i, v in enumerate(norms):
+        stats = rule(scalar_param(v))
+        assert stats.norm_after.item() == pytest.approx(expected[i], rel=1e-4), i
+        if stats.clipped.item():
+            clipped_at.append(i)
+    assert clipped_at == [i for i, v in enumerate(norms) if expected[i] < v]
+    assert set(spikes) <= set(clipped_at)
+
+
+def test_zclip_does_not_clip_during_warmup_without_max_norm() -> None:
+    rule = ZClip(warmup_steps=5)
+    for v in (1.0, 100.0, 1.0, 1.0):
+        assert rule(scalar_param(v)).clipped.item() is False
+
+
+def test_zclip_clips_to_max_norm_during_warmup_when_given() -> None:
+    rule = ZClip(warmup_steps=5, max_norm=2.0)
+    stats = rule(scalar_param(10.0))
+    assert stats.norm_after.item() == pytest.approx(2.0, rel=1e-5)
+
+
+def test_zclip_mean_option_clips_to_the_ema_mean() -> None:
+    rule = ZClip(warmup_steps=4, clip_option="mean")
+    for v in (1.0, 1.2, 0.8, 1.0):
+        rule(scalar_param(v))
+    stats = rule(scalar_param(50.0))
+    assert stats.norm_after.item() == pytest.approx(1.0, rel=1e-4)
+
+
+# -- AdaGC --------------------------------------------------------------------------------------
+
+
+def adagc_reference(
+    steps: list[list[float]], lambda_abs: float, lambda_rel: float, beta: float, warmup: int
+) -> list[list[float]]:
+    """Per-tensor recurrence of Wang et al. 2025; returns the clipped per-tensor norms."""
+    gamma = [math.inf] * len(steps[0])
+    out = []
+    for t, norms in enumerate(steps):
+        if t < warmup:
+            total = math.sqrt(sum(n * n for n in norms))
+            h = [min(lambda_abs / (total + 1e-6), 1.0)] * len(norms)
+        else:
+            h = [min(lambda_rel * gm / (n + 1e-6), 1.0) for gm, n in zip(gamma, norms, strict=True)]
+        clipped = [hi * n for hi, n in zip(h, norms, strict=True)]
+        if t < warmup:
+            gamma = [min(gm, c) for gm, c in zip(gamma, clipped, strict=True)]
+        else:
+            gamma = [beta * gm + (1 - beta) * c for gm, c in zip(gamma, clipped, strict=True)]
+        out.append(clipped)
+    return out
+
+
+def test_adagc_follows_its_per_tensor_recurrence() -> None:
+    rng = np.random.default_rng(2)
+    steps = [[float(a), float(b)] for a, b in rng.lognormal(size=(30, 2))]
+    steps[20] = [30.0, steps[20][1]]  # a spike in the first tensor only
+    expected = adagc_reference(steps, 1.0, 1.05, 0.98, warmup=10)
+
+    rule = AdaGC(warmup_steps=10)
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    for t, (na, nb) in enumerate(steps):
+        a.grad, b.grad = torch.tensor([na]), torch.tensor([nb])
+        rule([a, b])
+        assert a.grad.item() == pytest.approx(expected[t][0], rel=1e-5), t
+        assert b.grad.item() == pytest.approx(expected[t][1], rel=1e-5), t
+    assert expected[20][0] < 30.0 / 5  # the spike was cut down
+
+
+def test_adagc_keeps_state_of_params_without_grad() -> None:
+    rule = AdaGC(warmup_steps=1)
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    a.grad, b.grad = torch.tensor([0.5]), torch.tensor([0.25])
+    rule([a, b])
+    a.grad, b.grad = torch.tensor([0.5]), None
+    rule([a, b])
+    gamma = rule.state_dict()["gamma"]
+    assert gamma[1].item() == pytest.approx(0.25)
+    assert gamma[0].item() == pytest.approx(0.5)
+
+
+def test_adagc_rejects_a_changing_parameter_count() -> None:
+    rule = AdaGC()
+    rule(scalar_param(1.0))
+    with pytest.raises(SecateursError, match="adagc"):
+        rule(scalar_param(1.0) + scalar_param(2.0))
+
+
+# -- state round trips --------------------------------------------------------------------------
+
+STATEFUL = [
+    lambda: AutoClip(percentile=30, history=8),
+    lambda: ZClip(warmup_steps=5),
+    lambda: AdaGC(warmup_steps=4),
+    lambda: Chain(AdaGC(warmup_steps=3), AutoClip(history=6)),
+]
+
+
+@pytest.mark.parametrize("make", STATEFUL, ids=["autoclip", "zclip", "adagc", "chain"])
+def test_state_dict_round_trip_gives_identical_thresholds_after_resume(make: Callable[[], Rule]) -> None:
+    rng = np.random.default_rng(5)
+    scales = rng.lognormal(size=24)
+    original = make()
+    for s in scales[:12]:
+        original(params_with_grads(0, float(s)))
+    buffer = io.BytesIO()
+    torch.save(original.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = make()
+    resumed.load_state_dict(torch.load(buffer))
+    for s in scales[12:]:
+        a, b = params_with_grads(1, float(s)), params_with_grads(1, float(s))
+        sa: ClipStats = original(a)
+        sb: ClipStats = resumed(b)
+        assert torch.equal(sa.threshold, sb.threshold)
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x.grad, y.grad)
+
+
+def test_state_dict_is_a_copy_not_a_view_of_the_running_state() -> None:
+    rule = AutoClip(history=4)
+    rule(scalar_param(1.0))
+    saved = rule.state_dict()
+    rule(scalar_param(5.0))
+    assert saved["count"].item() == 1
+
+
+def test_load_state_dict_rejects_a_history_of_another_size() -> None:
+    small = AutoClip(history=4)
+    small(scalar_param(1.0))
+    with pytest.raises(SecateursError, match="history"):
+        AutoClip(history=8).load_state_dict(small.state_dict())
+
+
+def test_stateless_rule_rejects_a_non_empty_state() -> None:
+    with pytest.raises(SecateursError, match="global_norm"):
+        GlobalNorm(1.0).load_state_dict({"x": torch.zeros(1)})
+
+
+def test_rules_with_published_defaults_construct_without_arguments() -> None:
+    assert repr(AutoClip()) == "AutoClip(percentile=10.0, history=1000, norm_type=2.0)"
+    assert ZClip().alpha == 0.97 and ZClip().z_thresh == 2.5 and ZClip().warmup_steps == 25
+    assert AGC().clipping == 0.01 and AGC().eps == 1e-3
+    assert AdaGC().lambda_rel == 1.05 and AdaGC().beta == 0.98
+
+
+def test_state_lives_on_the_gradients_device() -> None:
+    rule = ZClip()
+    p = torch.nn.Parameter(torch.zeros(2, device="meta"))
+    p.grad = torch.zeros(2, device="meta")
+    rule([p])
+    assert all(t.device.type == "meta" for t in rule.state_dict().values())

@@ -75,7 +75,9 @@ def test_by_global_norm_skips_params_without_grad() -> None:
     by_global_norm_(params, 0.1)
     torch.nn.utils.clip_grad_norm_(ref, 0.1)
     assert params[1].grad is None
-    assert_same_grads([p for p in params if p.grad is not None], [p for p in ref if p.grad is not None])
+    assert_same_grads(
+        [p for p in params if p.grad is not None], [p for p in ref if p.grad is not None]
+    )
 
 
 def test_by_global_norm_accepts_a_single_tensor_and_the_string_inf() -> None:
@@ -173,5 +175,7 @@ def test_clamp_params_with_one_bound_only() -> None:
 )
 def test_docstring_examples_run(module: str) -> None:
     name = "secateurs.clip" if module == "__init__" else f"secateurs.clip.{module}"
-    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE)
+    result = doctest.testmod(
+        importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE
+    )
     assert result.failed == 0 and result.attempted > 0

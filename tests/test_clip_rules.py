@@ -282,7 +282,9 @@ STATEFUL = [
 
 
 @pytest.mark.parametrize("make", STATEFUL, ids=["autoclip", "zclip", "adagc", "chain"])
-def test_state_dict_round_trip_gives_identical_thresholds_after_resume(make: Callable[[], Rule]) -> None:
+def test_state_dict_round_trip_gives_identical_thresholds_after_resume(
+    make: Callable[[], Rule],
+) -> None:
     rng = np.random.default_rng(5)
     scales = rng.lognormal(size=24)
     original = make()

@@ -165,7 +165,9 @@ def scaled_step(
     scaler.update()
 
 
-@pytest.mark.parametrize("unscale_first", [False, True], ids=["scaler-unscales", "explicit-unscale"])
+@pytest.mark.parametrize(
+    "unscale_first", [False, True], ids=["scaler-unscales", "explicit-unscale"]
+)
 def test_grad_scaler_step_clips_unscaled_gradients(unscale_first: bool) -> None:
     ours, ref = make_model(), make_model()
     opt = wrap(torch.optim.SGD(ours.parameters(), lr=0.1), GlobalNorm(MAX_NORM))
@@ -297,7 +299,9 @@ def test_error_policy_names_the_step_and_leaves_params_untouched() -> None:
 
 def test_ignore_policy_steps_with_nan_like_plain_pytorch() -> None:
     model = make_model()
-    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.1), GlobalNorm(MAX_NORM), nonfinite="ignore")
+    opt = wrap(
+        torch.optim.SGD(model.parameters(), lr=0.1), GlobalNorm(MAX_NORM), nonfinite="ignore"
+    )
     nan_grads(model)
     opt.step()
     assert torch.isnan(next(model.parameters())).all()
@@ -305,7 +309,9 @@ def test_ignore_policy_steps_with_nan_like_plain_pytorch() -> None:
 
 
 def test_unknown_nonfinite_policy_is_rejected() -> None:
-    with pytest.raises(SecateursError, match=r"nonfinite: got 'drop'; allowed: skip, error, ignore"):
+    with pytest.raises(
+        SecateursError, match=r"nonfinite: got 'drop'; allowed: skip, error, ignore"
+    ):
         wrap(torch.optim.SGD(make_model().parameters(), lr=0.1), None, nonfinite="drop")
 
 

@@ -1,0 +1,80 @@
+"""No host sync in the clipping hot path: run it on the ``meta`` device, where any read raises.
+
+A tensor on ``meta`` has a shape and a dtype but no data, so ``.item()``, ``bool()``,
+``float()`` or a copy to the CPU raise. Running a rule or a wrapped optimizer step there proves
+it never reads a device value on the host (on a GPU that read would be a sync).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from secateurs.clip import METHODS, Chain, GlobalNorm, build, by_global_norm_, by_norm_, wrap
+
+REQUIRED = {
+    "value": {"clip_value": 0.1},
+    "norm": {"max_norm": 1.0},
+    "global_norm": {"max_norm": 1.0},
+}
+META = torch.device("meta")
+
+
+def meta_params() -> list[torch.nn.Parameter]:
+    shapes = [(16, 8), (16,), (4, 3, 3, 3), (4,), (70000,)]
+    params = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.empty(s, device=META))
+        p.grad = torch.empty(s, device=META)
+        params.append(p)
+    return params
+
+
+def test_reading_a_meta_tensor_raises() -> None:
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        bool(torch.empty((), device=META) > 0)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "none"])
+def test_rule_runs_without_reading_the_device(method: str) -> None:
+    rule = build(method, **REQUIRED.get(method, {}))
+    params = meta_params()
+    for _ in range(4):  # warm-up branches and steady state
+        stats = rule(params)
+    assert stats.norm_before.device == META and stats.clipped.device == META
+
+
+def test_chain_runs_without_reading_the_device() -> None:
+    rule = Chain(build("agc"), build("zclip", warmup_steps=2), GlobalNorm(1.0))
+    for _ in range(3):
+        rule(meta_params())
+
+
+def test_by_global_norm_and_by_norm_do_not_read_off_the_cpu() -> None:
+    params = meta_params()
+    assert by_global_norm_(params, 1.0).device == META
+    assert by_norm_(params, 1.0).device == META
+
+
+@pytest.mark.parametrize("method", ["none", "global_norm", "autoclip", "zclip", "agc", "adagc"])
+def test_wrapped_sgd_skip_step_runs_without_reading_the_device(method: str) -> None:
+    params = meta_params()
+    opt = wrap(
+        torch.optim.SGD(params, lr=0.1), build(method, **REQUIRED.get(method, {})), nonfinite="skip"
+    )
+    for _ in range(3):
+        opt.step()
+    assert opt.log.total_steps == 3
+
+
+def test_wrapped_sgd_with_momentum_skip_step_runs_without_reading_the_device() -> None:
+    # The step that creates optimizer state reads one flag (a skipped step must not leave new
+    # state behind); every later step must not. Give the optimizer its state up front.
+    params = meta_params()
+    inner = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    for p in params:
+        inner.state[p]["momentum_buffer"] = torch.empty_like(p)
+    opt = wrap(inner, GlobalNorm(1.0), nonfinite="skip")
+    for _ in range(3):
+        opt.step()
+    assert all(inner.state[p]["momentum_buffer"].device == META for p in params)

@@ -1,0 +1,144 @@
+"""build() from config names, and the errors a user gets for bad clipping arguments."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from secateurs.clip import (
+    AGC,
+    METHODS,
+    AdaGC,
+    AutoClip,
+    GlobalNorm,
+    Norm,
+    Value,
+    ZClip,
+    agc_,
+    build,
+    by_global_norm_,
+    by_norm_,
+    by_value_,
+    clamp_params_,
+)
+from secateurs.errors import SecateursError
+
+
+def test_methods_lists_every_buildable_rule() -> None:
+    assert set(METHODS) == {
+        "none",
+        "value",
+        "norm",
+        "global_norm",
+        "agc",
+        "autoclip",
+        "zclip",
+        "adagc",
+    }
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "cls"),
+    [
+        ("value", {"clip_value": 0.5}, Value),
+        ("norm", {"max_norm": 2.0, "norm_type": "inf"}, Norm),
+        ("global_norm", {"max_norm": 1.0}, GlobalNorm),
+        ("agc", {}, AGC),
+        ("autoclip", {"percentile": 5}, AutoClip),
+        ("zclip", {"z_thresh": 3.0}, ZClip),
+        ("adagc", {"warmup_steps": 10}, AdaGC),
+    ],
+)
+def test_build_makes_the_named_rule_with_its_parameters(
+    method: str, params: dict, cls: type
+) -> None:
+    rule = build(method, **params)
+    assert type(rule) is cls and rule.method == method
+    for name, value in params.items():
+        expected = math.inf if value == "inf" else value
+        assert getattr(rule, name) == expected
+
+
+def test_build_none_gives_no_rule() -> None:
+    assert build("none") is None
+
+
+def test_unknown_method_names_the_field_and_the_choices() -> None:
+    with pytest.raises(SecateursError, match=r"clip\.method: got 'clipnorm'; allowed: none, value"):
+        build("clipnorm")
+
+
+def test_unknown_parameter_names_it_and_the_accepted_ones() -> None:
+    with pytest.raises(
+        SecateursError,
+        match=r"clip\.max_nrom: got 1\.0; allowed: parameters of 'global_norm': max_norm, norm_type",
+    ):
+        build("global_norm", max_nrom=1.0)
+
+
+def test_missing_required_parameter_is_named() -> None:
+    with pytest.raises(SecateursError, match=r"clip\.max_norm: .*required by method 'global_norm'"):
+        build("global_norm")
+
+
+def test_parameters_given_with_method_none_are_rejected() -> None:
+    with pytest.raises(SecateursError, match=r"clip\.max_norm"):
+        build("none", max_norm=1.0)
+
+
+def test_bad_value_through_build_names_the_config_field() -> None:
+    with pytest.raises(SecateursError, match=r"clip\.max_norm: got -1\.0; allowed: a number > 0"):
+        build("global_norm", max_norm=-1.0)
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (lambda: GlobalNorm(-1.0), "max_norm"),
+        (lambda: Norm(0.0), "max_norm"),
+        (lambda: Value(-0.1), "clip_value"),
+        (lambda: AutoClip(percentile=0), "percentile"),
+        (lambda: AutoClip(percentile=100.5), "percentile"),
+        (lambda: AutoClip(history=0), "history"),
+        (lambda: GlobalNorm(1.0, norm_type="l2"), "norm_type"),
+        (lambda: GlobalNorm(1.0, norm_type=0.5), "norm_type"),
+        (lambda: ZClip(alpha=1.0), "alpha"),
+        (lambda: ZClip(clip_option="median"), "clip_option"),
+        (lambda: ZClip(warmup_steps=0), "warmup_steps"),
+        (lambda: AGC(clipping=-0.01), "clipping"),
+        (lambda: AdaGC(beta=1.0), "beta"),
+        (lambda: GlobalNorm(True), "max_norm"),  # bools are not numbers here
+    ],
+)
+def test_bad_rule_argument_raises_naming_the_field(make: Callable[[], object], field: str) -> None:
+    with pytest.raises(SecateursError, match=rf"^{field}: got "):
+        make()
+
+
+def test_percentile_of_100_is_allowed() -> None:
+    assert AutoClip(percentile=100).percentile == 100.0
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda p: by_global_norm_(p, -1.0), "max_norm"),
+        (lambda p: by_global_norm_(p, 1.0, norm_type="euclid"), "norm_type"),
+        (lambda p: by_norm_(p, 0.0), "max_norm"),
+        (lambda p: by_value_(p, -2.0), "clip_value"),
+        (lambda p: agc_(p, clipping=0.0), "clipping"),
+        (lambda p: clamp_params_(p, 1.0, -1.0), "min"),
+        (lambda p: clamp_params_(p), "min/max"),
+    ],
+)
+def test_bad_function_argument_raises_naming_the_field(
+    call: Callable[[list[torch.Tensor]], object], field: str
+) -> None:
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.ones(2)
+    with pytest.raises(SecateursError, match=rf"^{field}: got "):
+        call([p])
+    assert torch.equal(p.grad, torch.ones(2)) and torch.equal(p.detach(), torch.ones(2))

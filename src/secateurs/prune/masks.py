@@ -100,18 +100,19 @@ def _candidates(model: nn.Module) -> list[Target]:
     return out
 
 
-def _selects(item: str | type[nn.Module], target: Target) -> bool:
+def _selects(item: str | type[nn.Module], target: Target, module_names: set[str]) -> bool:
     """Whether a ``targets``/``exclude`` entry names this weight.
 
-    A type names the default weights of its modules; a string is a module name or parameter name
-    (``fnmatch`` patterns allowed). A module name selects that module's default weights, or its
-    ``weight`` when it is not a known layer type.
+    A type names the default weights of its modules. A string that matches module names
+    (``fnmatch`` patterns allowed, e.g. ``"features.*"``) names their default weights (or
+    ``weight`` for a layer type not known here); any other string is matched against parameter
+    names (``"classifier.1.bias"``, ``"*.bias"``).
     """
     if isinstance(item, type):
         return isinstance(target.module, item) and target.attr in _weights_of(target.module)
-    if _matches(item, target.name):
-        return True
-    return _matches(item, target.module_name) and target.attr in _weights_of(target.module)
+    if any(_matches(item, name) for name in module_names):
+        return _matches(item, target.module_name) and target.attr in _weights_of(target.module)
+    return _matches(item, target.name)
 
 
 def _weights_of(module: nn.Module) -> list[str]:
@@ -142,9 +143,9 @@ def find_targets(
     """The weights to prune, in model order.
 
     ``targets=None`` takes the weights of every Linear, Conv1d/2d/3d, RNN/LSTM/GRU and
-    MultiheadAttention. Otherwise each entry is a parameter name, a module name (``fnmatch``
-    patterns allowed, e.g. ``"features.*"``) or a module type. ``exclude`` removes weights the
-    same way. Every entry must match something.
+    MultiheadAttention. Otherwise each entry is a module name (its weights), a parameter name
+    (``fnmatch`` patterns allowed for both, e.g. ``"features.*"``, ``"*.bias"``) or a module
+    type. ``exclude`` removes weights the same way. Every entry must match something.
 
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> [t.name for t in find_targets(model, exclude=["2"])]
@@ -153,25 +154,30 @@ def find_targets(
     if not isinstance(model, nn.Module):
         raise SecateursError(f"model: got {type(model).__name__}; allowed: a torch.nn.Module")
     candidates = _candidates(model)
+    modules = {t.module_name for t in candidates if t.module_name and _weights_of(t.module)}
+
+    def selects(item: str | type[nn.Module], target: Target) -> bool:
+        return _selects(item, target, modules)
+
     if targets is None:
         chosen = [t for t in candidates if t.attr in prunable_weights(t.module)]
     else:
         items = _check_items("targets", targets)
         for item in items:
-            if not any(_selects(item, t) for t in candidates):
+            if not any(selects(item, t) for t in candidates):
                 raise SecateursError(
                     f"targets: got {item!r}; it matches no parameter of the model; allowed: "
                     "parameter or module names (fnmatch patterns) or module types present in it"
                 )
-        chosen = [t for t in candidates if any(_selects(item, t) for item in items)]
+        chosen = [t for t in candidates if any(selects(item, t) for item in items)]
     excluded = _check_items("exclude", exclude)
     for item in excluded:
-        if not any(_selects(item, t) for t in chosen):
+        if not any(selects(item, t) for t in chosen):
             raise SecateursError(
                 f"exclude: got {item!r}; it matches no prunable weight; allowed: names of "
                 f"targeted weights or modules, e.g. {', '.join(t.module_name or t.name for t in chosen[:3])}"
             )
-    chosen = [t for t in chosen if not any(_selects(item, t) for item in excluded)]
+    chosen = [t for t in chosen if not any(selects(item, t) for item in excluded)]
     if not chosen:
         raise SecateursError(
             f"model: got {type(model).__name__} with no prunable weight left; allowed: a model "

@@ -1,0 +1,133 @@
+"""Property: pruned weights stay exactly +0.0 through 200 optimizer steps, whatever the optimizer.
+
+Random small models (MLP, CNN, GRU, attention), random sparsity and criterion, dense warm-up
+steps first (so momentum and Adam moments are non-zero when the masks arrive), and a second,
+higher prune half way through.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from secateurs.prune import Pruner, make_criterion
+
+OPTIMIZERS = {
+    "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.05),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.5, centered=True, weight_decay=1e-3),
+}
+
+
+class Sequence(nn.Module):
+    def __init__(self, kind: str, width: int):
+        super().__init__()
+        self.kind = kind
+        self.embed = nn.Linear(3, width)
+        if kind == "gru":
+            self.mix = nn.GRU(width, width, batch_first=True)
+        else:
+            self.mix = nn.MultiheadAttention(width, 1, batch_first=True)
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x.view(x.shape[0], 4, 3))
+        h = self.mix(h)[0] if self.kind == "gru" else self.mix(h, h, h)[0]
+        return self.head(h.mean(1))
+
+
+def build(kind: str, width: int, depth: int) -> nn.Module:
+    if kind == "mlp":
+        layers: list[nn.Module] = [nn.Flatten()]
+        size = 12
+        for _ in range(depth):
+            layers += [nn.Linear(size, width), nn.Tanh()]
+            size = width
+        return nn.Sequential(*layers, nn.Linear(size, 2))
+    if kind == "cnn":
+        return nn.Sequential(
+            nn.Unflatten(1, (3, 2, 2)), nn.Conv2d(3, width, 2, padding=1), nn.ReLU(),
+            nn.Flatten(), nn.Linear(width * 9, 2),
+        )
+    return Sequence(kind, width)
+
+
+@pytest.mark.parametrize("optimizer_name", list(OPTIMIZERS))
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kind=st.sampled_from(["mlp", "cnn", "gru", "attention"]),
+    width=st.integers(2, 8),
+    depth=st.integers(1, 3),
+    sparsity=st.floats(0.1, 0.8),
+    criterion=st.sampled_from(["magnitude", "random"]),
+    warmup=st.integers(0, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_masks_never_revive_over_200_steps(optimizer_name, kind, width, depth, sparsity, criterion, warmup, seed):
+    torch.manual_seed(seed)
+    model = build(kind, width, depth)
+    optimizer = OPTIMIZERS[optimizer_name](model.parameters())
+    x, y = torch.randn(16, 12), torch.randn(16, 2)
+
+    def train_step() -> None:
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x + 0.1 * torch.randn_like(x)), y).backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        train_step()
+    pruner = Pruner(model, sparsity=min(sparsity + 0.15, 0.95), criterion=make_criterion(criterion, seed=seed) if criterion == "random" else criterion)
+    pruner.attach(optimizer)
+    pruner.step(sparsity)
+    for step in range(200):
+        if step == 100:
+            before = {k: m.clone() for k, m in pruner.masks.items()}
+            pruner.step()
+            assert all(not (pruner.masks[k] & ~m).any() for k, m in before.items())
+        train_step()
+        for target in pruner.targets:
+            pruned = target.param.detach()[~pruner.masks[target.name]]
+            assert torch.equal(pruned, torch.zeros_like(pruned)), (step, target.name)
+            assert not torch.signbit(pruned).any(), (step, target.name)
+    assert pruner.current_sparsity == pytest.approx(min(sparsity + 0.15, 0.95), abs=0.02)
+
+
+def test_optimizer_state_of_pruned_weights_is_zeroed():
+    torch.manual_seed(0)
+    model = nn.Linear(10, 10)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(4, 10)).square().sum().backward()
+        optimizer.step()
+    pruner = Pruner(model, sparsity=0.5)
+    pruner.attach(optimizer)
+    pruner.step()
+    state = optimizer.state[model.weight]
+    pruned = ~pruner.masks["weight"]
+    assert float(state["exp_avg"][pruned].abs().sum()) == 0.0
+    assert float(state["exp_avg_sq"][pruned].abs().sum()) == 0.0
+
+
+def test_mask_grads_zeroes_pruned_gradients_for_clipping():
+    model = nn.Linear(6, 6)
+    pruner = Pruner(model, sparsity=0.5)
+    pruner.step()
+    model(torch.randn(3, 6)).sum().backward()
+    pruner.mask_grads_()
+    assert float(model.weight.grad[~pruner.masks["weight"]].abs().sum()) == 0.0
+
+
+def test_model_converted_to_float64_after_pruning_still_applies_masks():
+    model = nn.Linear(6, 6)
+    pruner = Pruner(model, sparsity=0.5)
+    pruner.step()
+    model.double()
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    pruner.apply_()
+    assert int((model.weight == 0).sum()) == 18

@@ -179,3 +179,35 @@ def test_docstring_examples_run(module: str) -> None:
         importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE
     )
     assert result.failed == 0 and result.attempted > 0
+
+
+def many_small_params(seed: int = 0) -> list[torch.nn.Parameter]:
+    """Thousands-of-small-tensors layout (stacked by shape on the CPU), plus one large tensor."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(16, 12), (16,)] * 40 + [(3, 7), (300, 300)]
+    params = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.randn(s, generator=g))
+        p.grad = torch.randn(s, generator=g)
+        params.append(p)
+    return params
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_by_global_norm_on_many_small_tensors_equals_torch_up_to_rounding(norm_type: float) -> None:
+    ours, ref = many_small_params(), many_small_params()
+    norm = by_global_norm_(ours, max_norm=1.0, norm_type=norm_type)
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref, 1.0, norm_type=norm_type)
+    torch.testing.assert_close(norm, ref_norm)
+    for x, y in zip(ours, ref, strict=True):
+        torch.testing.assert_close(x.grad, y.grad)
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_by_norm_on_many_small_tensors_equals_torch_per_tensor(norm_type: float) -> None:
+    ours, ref = many_small_params(), many_small_params()
+    by_norm_(ours, max_norm=2.0, norm_type=norm_type)
+    for p in ref:
+        torch.nn.utils.clip_grad_norm_([p], 2.0, norm_type=norm_type)
+    for x, y in zip(ours, ref, strict=True):
+        torch.testing.assert_close(x.grad, y.grad)

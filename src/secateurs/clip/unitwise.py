@@ -23,52 +23,29 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from secateurs.clip._tensors import SMALL_NUMEL, is_dtensor
+from secateurs.clip._tensors import is_dtensor, shape_groups
 from secateurs.errors import SecateursError
 
 
 def _unit_norms(stacked: Tensor, unit_ndim: int) -> Tensor:
-    """Unit norms of a ``[k, *shape]`` stack as ``[k, units]``."""
+    """Unit norms of a ``[k, *shape]`` stack, flattened to ``k * units`` values."""
     if unit_ndim > 1:
-        return torch.linalg.vector_norm(stacked.flatten(2), dim=2)
-    return torch.linalg.vector_norm(stacked.flatten(1), dim=1, keepdim=True)
+        return torch.linalg.vector_norm(stacked.flatten(2), dim=2).flatten()
+    return torch.linalg.vector_norm(stacked.flatten(1), dim=1)
 
 
-@dataclass
-class _Group:
-    """Tensors that share one norm kernel: a stack of equal small shapes, or one tensor."""
-
-    index: list[int]
-    shape: torch.Size
-
-    @property
-    def units(self) -> int:
-        return self.shape[0] if len(self.shape) > 1 else 1
+def _stack(tensors: list[Tensor], index: list[int]) -> Tensor:
+    if len(index) == 1:
+        return tensors[index[0]].unsqueeze(0)
+    return torch.stack([tensors[i] for i in index])
 
 
-def _plan(grads: list[Tensor]) -> list[_Group]:
-    small: dict[tuple[torch.Size, torch.device, torch.dtype], list[int]] = {}
-    groups: list[_Group] = []
-    for i, g in enumerate(grads):
-        if is_dtensor(g):
-            raise SecateursError(
-                "agc: got DTensor gradients; allowed: ordinary tensors (unit-wise norms need "
-                "whole rows; use GlobalNorm, AutoClip or ZClip for sharded models)"
-            )
-        if g.numel() <= SMALL_NUMEL:
-            small.setdefault((g.shape, g.device, g.dtype), []).append(i)
-        else:
-            groups.append(_Group([i], g.shape))
-    groups.extend(_Group(idx, key[0]) for key, idx in small.items())
-    return groups
-
-
-def _group_norms(tensors: list[Tensor], group: _Group) -> Tensor:
-    if len(group.index) == 1:
-        stacked = tensors[group.index[0]].unsqueeze(0)
-    else:
-        stacked = torch.stack([tensors[i] for i in group.index])
-    return _unit_norms(stacked, len(group.shape)).flatten()
+def _check_plain(grads: list[Tensor]) -> None:
+    if any(is_dtensor(g) for g in grads):
+        raise SecateursError(
+            "agc: got DTensor gradients; allowed: ordinary tensors (unit-wise norms need "
+            "whole rows; use GlobalNorm, AutoClip or ZClip for sharded models)"
+        )
 
 
 @dataclass
@@ -88,25 +65,32 @@ class AGCResult:
 @torch.no_grad()
 def agc_apply_(params: list[Tensor], grads: list[Tensor], clipping: float, eps: float) -> AGCResult:
     """Clip ``grads`` (the gradients of ``params``, same order) unit-wise, in place."""
-    plan = _plan(grads)
+    _check_plain(grads)
+    groups = shape_groups(grads)
     first = grads[0].device
-    weights = [p.detach() for p in params]
-    g_units = torch.cat([_group_norms(grads, grp).to(first) for grp in plan])
-    w_units = torch.cat([_group_norms(weights, grp).to(first) for grp in plan])
+    g_parts: list[Tensor] = []
+    w_parts: list[Tensor] = []
+    for index in groups:
+        # weights and gradients of one group back to back, so the scaling pass below (run in
+        # reverse) finds the most recent ones still in cache
+        ndim = grads[index[0]].dim()
+        w_parts.append(_unit_norms(_stack(params, index), ndim).to(first))
+        g_parts.append(_unit_norms(_stack(grads, index), ndim).to(first))
+    g_units = torch.cat(g_parts)
+    w_units = torch.cat(w_parts)
     bound = torch.clamp(w_units, min=eps) * clipping
     factor = torch.where(g_units < bound, 1.0, bound / torch.clamp(g_units, min=1e-6))
 
     targets: list[Tensor] = []
     factors: list[Tensor] = []
-    sizes = [len(grp.index) * grp.units for grp in plan]
-    for grp, f in zip(plan, torch.split(factor, sizes), strict=True):
-        # factor shaped [k, units, 1, ...] so each slice broadcasts over its tensor
-        trailing = len(grp.shape) - 1 if len(grp.shape) > 1 else len(grp.shape)
-        lead = (len(grp.index), grp.units) if len(grp.shape) > 1 else (len(grp.index),)
-        views = f.view(*lead, *([1] * trailing)).unbind(0)
-        targets.extend(grads[i] for i in grp.index)
-        factors.extend(views)
-    _mul_(targets, factors)
+    for index, f in zip(groups, torch.split(factor, [p.numel() for p in g_parts]), strict=True):
+        shape = grads[index[0]].shape
+        # [k, units, 1, ...] (or [k, 1] / [k] for 1-D / 0-d) so each slice broadcasts
+        lead = (len(index), shape[0]) if len(shape) > 1 else (len(index),)
+        trailing = [1] * (len(shape) - 1 if len(shape) > 1 else len(shape))
+        targets.extend(grads[i] for i in index)
+        factors.extend(f.view(*lead, *trailing).unbind(0))
+    _mul_(targets[::-1], factors[::-1])
 
     return AGCResult(
         grad_norm=torch.linalg.vector_norm(g_units),

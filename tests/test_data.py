@@ -80,7 +80,7 @@ def test_user_file_missing_arrays_is_named(tmp_path: Path) -> None:
 
 
 def test_unknown_dataset_is_rejected() -> None:
-    with pytest.raises(SecateursError, match="data.name: got 'imagenet'"):
+    with pytest.raises(SecateursError, match=r"data\.name: got 'imagenet'"):
         load_dataset(DataConfig(name="imagenet"))
 
 

@@ -98,6 +98,30 @@ def run(
     )
 
 
+@app.command()
+@user_errors
+def inspect(file: Annotated[str, typer.Argument(help="a secateurs sparse checkpoint or a dense safetensors file")]) -> None:
+    """Per-layer table of a checkpoint: shape, params, zeros, sparsity, bytes, dtype."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from secateurs import prune
+
+    rows = prune.inspect_checkpoint(file)
+    table = Table(title=file)
+    for column in ("tensor", "shape", "params", "zeros", "sparsity", "bytes", "dtype"):
+        table.add_column(column, justify="left" if column in ("tensor", "shape", "dtype") else "right")
+    for row in rows:
+        table.add_row(
+            row["name"], "x".join(map(str, row["shape"])) or "scalar", f"{row['params']:,}", f"{row['zeros']:,}",
+            f"{100 * row['sparsity']:.2f}%", f"{row['bytes']:,}", row["dtype"],
+        )
+    params = sum(r["params"] for r in rows)
+    zeros = sum(r["zeros"] for r in rows)
+    table.add_row("total", "", f"{params:,}", f"{zeros:,}", f"{100 * zeros / max(params, 1):.2f}%", f"{sum(r['bytes'] for r in rows):,}", "")
+    Console().print(table)
+
+
 def main() -> None:
     """Console entry point (also ``python -m secateurs``)."""
     try:

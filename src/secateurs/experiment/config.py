@@ -42,6 +42,7 @@ class DataConfig(_Section):
     test_fraction: float = Field(0.2, gt=0, lt=1, description="fraction held out for test when the dataset has no test split")
     split_seed: int = Field(0, ge=0, description="seed of the stratified split (fixed, independent of the run seed)")
     limit: int = Field(0, ge=0, description="use at most this many training examples (0: all)")
+    augment: bool = Field(True, description="shift training images by up to one pixel (images only)")
 
 
 class ModelConfig(_Section):

@@ -45,8 +45,12 @@ class Dataset:
     num_classes: int
 
 
-def batches(split: Split, batch_size: int, *, seed: int | None = None, rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    split: Split, batch_size: int, *, seed: int | None = None, rank: int = 0, world_size: int = 1, augment: bool = False
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Mini-batches of ``split``: shuffled by ``seed`` (None keeps the order), one shard per rank.
+
+    ``augment`` shifts images by up to one pixel (:func:`random_shift`), drawn from ``seed``.
 
     Every rank draws the same permutation and takes every ``world_size``-th index from ``rank``
     on (as ``DistributedSampler`` does), so ranks see disjoint data of equal size.
@@ -59,9 +63,27 @@ def batches(split: Split, batch_size: int, *, seed: int | None = None, rank: int
     if world_size > 1:
         per_rank = -(-n // world_size)
         order = torch.cat([order, order[: per_rank * world_size - n]])[rank::world_size]
+    shift_rng = torch.Generator().manual_seed((seed or 0) + 7919)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        yield split.x[idx], split.y[idx]
+        x = split.x[idx]
+        yield (random_shift(x, shift_rng) if augment else x), split.y[idx]
+
+
+def random_shift(x: torch.Tensor, generator: torch.Generator, pixels: int = 1) -> torch.Tensor:
+    """Translate each image in a (B, C, H, W) batch by up to ``pixels`` in each direction.
+
+    Borders are replicated, so a shifted digit keeps its background. Other shapes pass through.
+    """
+    if x.dim() != 4 or pixels == 0:
+        return x
+    b, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pixels,) * 4, mode="replicate")
+    dy = torch.randint(0, 2 * pixels + 1, (b,), generator=generator)
+    dx = torch.randint(0, 2 * pixels + 1, (b,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    return padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
 
 
 def _stratified(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, ...]:

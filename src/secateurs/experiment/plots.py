@@ -9,10 +9,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
-from secateurs import clip  # noqa: E402
+from secateurs import clip
 
 PHASE_COLOURS = {"dense": "#e8f0fe", "prune": "#fde8e8", "finetune": "#e8f8ec"}
 
@@ -62,13 +62,13 @@ def grad_norm_png(log: clip.ClipLog) -> bytes:
     steps = list(range(1, len(norms) + 1))
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(steps, norms, lw=0.8, color="#1f6feb", label="gradient norm (before clipping)")
-    finite_thresholds = [(s, t) for s, t in zip(steps, thresholds) if t == t and t != float("inf")]
+    finite_thresholds = [(s, t) for s, t in zip(steps, thresholds, strict=False) if t == t and t != float("inf")]
     if finite_thresholds:
-        ax.plot(*zip(*finite_thresholds), lw=1.2, color="#bf8700", label="clip threshold")
-    marked = [(s, n) for s, n, c in zip(steps, norms, clipped) if c]
+        ax.plot(*zip(*finite_thresholds, strict=False), lw=1.2, color="#bf8700", label="clip threshold")
+    marked = [(s, n) for s, n, c in zip(steps, norms, clipped, strict=False) if c]
     if marked:
-        ax.scatter(*zip(*marked), s=8, color="#cf222e", zorder=3, label=f"clipped ({len(marked)} steps)")
-    bad = [s for s, k in zip(steps, skipped) if k]
+        ax.scatter(*zip(*marked, strict=False), s=8, color="#cf222e", zorder=3, label=f"clipped ({len(marked)} steps)")
+    bad = [s for s, k in zip(steps, skipped, strict=False) if k]
     for s in bad:
         ax.axvline(s, color="black", lw=0.6, ls=":")
     if bad:

@@ -9,6 +9,7 @@ was killed at any moment and ends with the same weights and report, bit for bit 
 from __future__ import annotations
 
 import json
+import math
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,6 @@ from typing import Any
 
 import torch
 from safetensors.torch import save as st_save
-from torch import nn
 
 from secateurs import clip, prune
 from secateurs.errors import SecateursError
@@ -143,10 +143,12 @@ class Run:
             self.pruner.attach(inner)
         return clip.wrap(inner, self.rule, nonfinite=t.nonfinite, log=self.log)
 
-    def _phase_lr(self, phase: Phase) -> float:
-        if phase.name == "dense":
-            return self.cfg.train.lr
-        return self.cfg.prune.lr or self.cfg.train.lr / 3
+    def _epoch_lr(self, phase: Phase, local_epoch: int) -> float:
+        """Cosine decay within dense training and fine-tuning; constant while the schedule prunes."""
+        base = self.cfg.train.lr if phase.name == "dense" else (self.cfg.prune.lr or self.cfg.train.lr / 3)
+        if phase.name == "prune":
+            return base
+        return base * 0.5 * (1 + math.cos(math.pi * local_epoch / phase.epochs))
 
     # --- checkpointing -------------------------------------------------------------------------
 
@@ -157,9 +159,7 @@ class Run:
             "report": json.dumps(self.state.report),
             "wall_seconds": self.state.wall_seconds,
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "clip_rule": self.rule.state_dict() if self.rule is not None else None,
-            "clip_log": self.log.state_dict(),
+            "optimizer": self.optimizer.state_dict(),  # includes the clip rule's state and log
             "pruner": self.pruner.state_dict() if self.pruner is not None else None,
             "schedule": self.schedule.state_dict() if self.schedule is not None else None,
             "rng": torch.get_rng_state(),
@@ -178,9 +178,6 @@ class Run:
             if self.schedule is not None:
                 self.schedule.load_state_dict(tree["schedule"])
             self.optimizer.load_state_dict(tree["optimizer"])
-            if self.rule is not None:
-                self.rule.load_state_dict(tree["clip_rule"])
-            self.log.load_state_dict(tree["clip_log"])
             torch.set_rng_state(tree["rng"])
             self.state = RunState(int(tree["epoch"]), list(tree["history"]), json.loads(tree["report"]), float(tree["wall_seconds"]))
         except (KeyError, RuntimeError, TypeError, ValueError) as exc:
@@ -227,14 +224,14 @@ class Run:
                 phase, local = _phase_at(self.plan, self.state.epoch)
                 if bar is None or bar.phase != phase.name:
                     bar = bars.phase(phase.name, phase.epochs, completed=local)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = self._phase_lr(phase)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self._epoch_lr(phase, local)
                 if phase.name != "dense" and "dense" not in self.state.report:
                     self.state.report["dense"] = self._dense_metrics()
                 torch.manual_seed(_epoch_seed(self.cfg, self.state.epoch))
                 if phase.name == "prune" and self.schedule is not None:
                     self._prune_tick()
-                data = batches(self.data.train, self.cfg.data.batch_size, seed=_epoch_seed(self.cfg, self.state.epoch))
+                data = batches(self.data.train, self.cfg.data.batch_size, seed=_epoch_seed(self.cfg, self.state.epoch), augment=self.cfg.data.augment)
 
                 def after_step() -> None:
                     if should_stop():
@@ -245,6 +242,8 @@ class Run:
                 except Interrupted:
                     self.state.wall_seconds += time.perf_counter() - started
                     raise
+                except clip.NonFiniteGradError as exc:
+                    raise SecateursError(f"train.nonfinite='error': epoch {self.state.epoch + 1}, {exc}") from None
                 self.state.history.append({
                     "epoch": self.state.epoch + 1,
                     "phase": phase.name,

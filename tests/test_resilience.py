@@ -1,0 +1,174 @@
+"""Nothing lost, nothing executed: resume after SIGKILL, Ctrl-C, pickles refused, bad outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import QUICK_RUN
+
+pytestmark = pytest.mark.slow
+
+TIMING_KEYS = ("latency_ms", "wall_seconds")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "secateurs", *args], capture_output=True, text=True, timeout=600)
+
+
+def _popen(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "secateurs", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _without_timing(obj: object) -> object:
+    if isinstance(obj, dict):
+        return {k: _without_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [_without_timing(v) for v in obj]
+    return obj
+
+
+def _set_args(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_sigkill_at_a_random_point_then_resume_gives_identical_results(tmp_path: Path) -> None:
+    args = [*_set_args(QUICK_RUN), "--quiet"]
+    whole = _cli("run", *args, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+
+    killed = tmp_path / "killed"
+    proc = _popen("run", *args, "--out", str(killed))
+    _wait_for(killed / "checkpoint.safetensors", proc)
+    time.sleep(random.Random().uniform(0.0, 2.0))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed = _cli("run", "--resume", str(killed), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+
+    assert (killed / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+    a = json.loads((killed / "report.json").read_text())
+    b = json.loads((tmp_path / "whole" / "report.json").read_text())
+    assert _without_timing(a) == _without_timing(b)
+    assert not [p.name for p in killed.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = _popen("run", *_set_args(QUICK_RUN), "--quiet", "--out", str(out))
+    _wait_for(out / "checkpoint.safetensors", proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 130
+    assert f"secateurs run --resume {out}" in stderr
+    assert "Traceback" not in stderr
+    resumed = _cli("run", "--resume", str(out), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+
+
+class _PlantsAFile:
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.target}",))
+
+
+def test_malicious_pickle_is_refused_by_inspect_and_resume(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"state": _PlantsAFile(marker)}))
+    result = _cli("inspect", str(evil))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.toml").write_text("")
+    (run_dir / "checkpoint.safetensors").write_bytes(evil.read_bytes())
+    result = _cli("run", "--resume", str(run_dir))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert not marker.exists()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.safetensors", "config.toml"]
+
+
+def test_corrupted_checkpoint_is_a_clear_error_and_changes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert _cli("run", *_set_args([*QUICK_RUN, "train.epochs=1", "prune.kind=none"]), "--quiet", "--out", str(out)).returncode == 0
+    ckpt = out / "checkpoint.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = _cli("run", "--resume", str(out))
+    assert result.returncode == 2 and "corrupted" in result.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def _nan_dataset(path: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = digits.images.astype(np.float32)
+    y = digits.target.astype(np.int64)
+    x_train, y_train = x[:1400].copy(), y[:1400]
+    x_train[::97] = np.nan  # a poisoned example in a few batches
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x[1400:], y_test=y[1400:])
+
+
+def test_nonfinite_inputs_are_skipped_and_counted(tmp_path: Path) -> None:
+    data = tmp_path / "poisoned.npz"
+    _nan_dataset(data)
+    out = tmp_path / "run"
+    result = _cli("run", *_set_args([f"data.name={json.dumps(str(data))}", "train.epochs=2", "prune.kind=none"]), "--quiet", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["clip"]["skipped_steps"] > 0
+    assert report["final"]["accuracy"] > 0.5  # the skipped steps did not poison the weights
+
+
+def test_nonfinite_error_names_epoch_and_step_and_keeps_files(tmp_path: Path) -> None:
+    data = tmp_path / "poisoned.npz"
+    _nan_dataset(data)
+    out = tmp_path / "run"
+    result = _cli("run", *_set_args([f"data.name={json.dumps(str(data))}", "train.epochs=2", "prune.kind=none", "train.nonfinite=error"]), "--quiet", "--out", str(out))
+    assert result.returncode == 2
+    assert "epoch 1" in result.stderr and "step" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert (out / "config.toml").is_file()
+
+
+def test_unwritable_output_is_reported_without_traceback(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep me")
+    result = _cli("run", "--out", str(blocker / "sub"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert blocker.read_text() == "keep me"
+
+
+def test_non_empty_output_folder_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "report.json").write_text("{}")
+    result = _cli("run", "--out", str(out))
+    assert result.returncode == 2 and "is not empty" in result.stderr
+    assert (out / "report.json").read_text() == "{}"

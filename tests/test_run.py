@@ -1,0 +1,125 @@
+"""End to end: `secateurs run` on digits writes every file with the promised schema."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import QUICK_RUN
+from safetensors import safe_open
+
+from secateurs import prune
+from secateurs.experiment.config import load_config
+from secateurs.experiment.models import build_model
+from secateurs.experiment.run import start
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "secateurs", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("run") / "out"
+    report = start(load_config(overrides=QUICK_RUN), out, progress=False)
+    return out, report
+
+
+def test_run_writes_every_promised_file(quick_run: tuple[Path, dict]) -> None:
+    out, _ = quick_run
+    for name in ("report.json", "report.md", "accuracy.png", "grad_norm.png", "model.safetensors", "config.toml"):
+        assert (out / name).is_file(), name
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_schema_and_value_ranges(quick_run: tuple[Path, dict]) -> None:
+    out, _ = quick_run
+    report = json.loads((out / "report.json").read_text())
+    assert (report["dataset"], report["model"], report["seed"]) == ("digits", "seed-cnn", 0)
+    for key in ("accuracy", "params", "checkpoint_bytes", "macs", "latency_ms"):
+        assert key in report["dense"], key
+    for key in ("accuracy", "sparsity", "nonzero_params", "checkpoint_bytes", "macs", "latency_ms"):
+        assert key in report["final"], key
+    assert 0 <= report["dense"]["accuracy"] <= 1 and 0 <= report["final"]["accuracy"] <= 1
+    assert report["clip"]["method"] == "global_norm"
+    assert 0 <= report["clip"]["clipped_steps"] <= report["clip"]["total_steps"]
+    # data.limit=600 leaves 510 training examples: 8 epochs of ceil(510 / 64) steps
+    assert report["clip"]["total_steps"] == 8 * math.ceil(510 / 64)
+    assert (report["prune"]["criterion"], report["prune"]["schedule"]) == ("magnitude", "agp")
+    assert report["wall_seconds"] > 0
+
+
+def test_reported_sparsity_matches_the_saved_weights(quick_run: tuple[Path, dict]) -> None:
+    out, report = quick_run
+    model = build_model("seed-cnn", input_shape=(1, 8, 8), num_classes=10)
+    prune.load(out / "model.safetensors", model)
+    weights = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    total = sum(w.numel() for w in weights)
+    assert report["final"]["sparsity"] == pytest.approx(zeros / total)
+    assert report["final"]["sparsity"] >= 0.89
+    assert report["final"]["nonzero_params"] == sum(int(p.count_nonzero()) for p in model.parameters())
+
+
+def test_saved_model_is_sparse_and_smaller(quick_run: tuple[Path, dict]) -> None:
+    out, report = quick_run
+    assert report["final"]["checkpoint_bytes"] == (out / "model.safetensors").stat().st_size
+    assert report["final"]["checkpoint_bytes"] <= 0.25 * report["dense"]["checkpoint_bytes"]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.metadata()  # the sparse format describes itself
+
+
+def test_config_toml_repeats_the_run(quick_run: tuple[Path, dict], tmp_path: Path) -> None:
+    out, report = quick_run
+    again = start(load_config(out / "config.toml"), tmp_path / "again", progress=False)
+    assert again["final"]["accuracy"] == report["final"]["accuracy"]
+    a = (out / "model.safetensors").read_bytes()
+    b = (tmp_path / "again" / "model.safetensors").read_bytes()
+    assert a == b
+
+
+def test_report_md_has_before_after_and_per_layer_tables(quick_run: tuple[Path, dict]) -> None:
+    out, _ = quick_run
+    text = (out / "report.md").read_text()
+    assert "| test accuracy |" in text and "## Per-layer sparsity" in text
+    assert "features.0" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--set", "prune.sparsity=1.5"], "prune.sparsity: got 1.5"),
+        (["--set", "train.epochs=-1"], "train.epochs: got -1"),
+        (["--set", "prune.criterion=nonsense"], "prune.criterion: got 'nonsense'"),
+        (["does/not/exist.toml"], "does not exist"),
+        (["--set", "no_such.key=1"], "no_such: unknown key"),
+    ],
+)
+def test_cli_user_errors_exit_2_with_one_line(args: list[str], needle: str, tmp_path: Path) -> None:
+    result = _cli("run", *args, "--out", str(tmp_path / "o"))
+    assert result.returncode == 2, result.stderr
+    assert needle in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_toml_syntax_error_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nepochs = 3\n")
+    result = _cli("run", str(bad))
+    assert result.returncode == 2
+    assert "is not valid TOML" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_help_lists_config_keys() -> None:
+    result = _cli("run", "--help")
+    assert result.returncode == 0
+    for key in ("prune.sparsity", "clip.method", "train.epochs", "data.name"):
+        assert key in result.stdout

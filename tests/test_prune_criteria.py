@@ -310,3 +310,23 @@ def test_activation_on_a_module_that_never_runs_names_it():
     pruner = Pruner(Wrapper(), sparsity=0.5, criterion="activation")
     with pytest.raises(SecateursError, match=r"m\.unused\.weight never ran"):
         pruner.score([(X1, None)])
+
+
+@pytest.mark.parametrize("name", ["gradient", "taylor", "activation"])
+def test_scores_are_dropped_after_a_step_so_stale_statistics_never_mix_in(name):
+    pruner = Pruner(tiny(), sparsity=0.5, criterion=name)
+    pruner.score(BATCHES, sum_squares)
+    pruner.step(0.3)
+    with pytest.raises(SecateursError, match="score"):
+        pruner.step(0.5)
+    pruner.score([(X2, T2)], sum_squares)
+    assert pruner.criterion.count == 1
+    pruner.step(0.5)
+
+
+def test_movement_keeps_accumulating_across_steps():
+    pruner = Pruner(tiny(), sparsity=0.5, criterion="movement")
+    pruner.score(BATCHES, sum_squares)
+    pruner.step(0.3)
+    assert pruner.criterion.count == 2
+    pruner.step(0.5)

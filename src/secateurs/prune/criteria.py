@@ -253,9 +253,15 @@ def _forward(model: nn.Module, inputs: Any) -> Any:
 
 
 class _DataCriterion(Criterion):
-    """Scores from statistics summed over scored batches (and, for movement, training steps)."""
+    """Scores from statistics summed over scored batches (and, for movement, training steps).
+
+    Statistics describe the weights they were measured on, so they are dropped after each
+    pruning step and the next step needs a fresh ``score()``; movement, whose score is by
+    definition a sum over the whole of fine-tuning, keeps accumulating instead.
+    """
 
     requires_data = True
+    accumulates: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -306,6 +312,15 @@ class _DataCriterion(Criterion):
     def release(self) -> None:
         self._synced = None
         self._cache = {}
+
+    def finish(self) -> None:
+        if not self.accumulates:
+            self.reset()
+
+    def reset(self) -> None:
+        """Forget every statistic (the next step needs a new ``score()``)."""
+        self.sums = [None] * len(self.targets)
+        self.count = 0
 
     def state_dict(self) -> dict[str, Any]:
         sums = {t.name: s for t, s in zip(self.targets, self.sums, strict=True) if s is not None}
@@ -395,6 +410,7 @@ class MovementCriterion(_GradientStatistic):
 
     name = "movement"
     signed = True
+    accumulates = True
 
     def _accumulate(self, index: int, weight: torch.Tensor, grad: torch.Tensor) -> None:
         self._add(index, -(weight.to(torch.float32) * grad.to(torch.float32)))
@@ -423,6 +439,10 @@ class ActivationCriterion(_DataCriterion):
     def bind(self, model: nn.Module, targets: Sequence[Target]) -> None:
         super().bind(model, targets)
         self.stats = ActivationStats(model, self.targets)
+
+    def reset(self) -> None:
+        super().reset()
+        self.stats = ActivationStats(self.model, self.targets)  # type: ignore[arg-type]
 
     def observe(self, batches: Iterable[Any], loss_fn: LossFn | None, *, max_batches: int | None = None) -> int:
         assert self.model is not None

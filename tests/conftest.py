@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file
 
 torch.set_num_threads(1)
 
@@ -13,3 +16,11 @@ QUICK_RUN = [
     "prune.finetune_epochs=2",
     "data.limit=600",
 ]
+
+
+def assert_same_tensors(a: Path, b: Path) -> None:
+    """Two safetensors files hold the same tensors, bit for bit (header order may differ)."""
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert sorted(ta) == sorted(tb)
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype and torch.equal(ta[name], tb[name]), name

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK_RUN
+from conftest import QUICK_RUN, assert_same_tensors
 from safetensors import safe_open
 
 from secateurs import prune
@@ -80,9 +80,7 @@ def test_config_toml_repeats_the_run(quick_run: tuple[Path, dict], tmp_path: Pat
     out, report = quick_run
     again = start(load_config(out / "config.toml"), tmp_path / "again", progress=False)
     assert again["final"]["accuracy"] == report["final"]["accuracy"]
-    a = (out / "model.safetensors").read_bytes()
-    b = (tmp_path / "again" / "model.safetensors").read_bytes()
-    assert a == b
+    assert_same_tensors(out / "model.safetensors", tmp_path / "again" / "model.safetensors")
 
 
 def test_report_md_has_before_after_and_per_layer_tables(quick_run: tuple[Path, dict]) -> None:

@@ -605,7 +605,12 @@ def _bisect_macs(
             f"max_layer_ratio={select.max_layer_ratio} and these ignored layers; allowed: "
             f"target_macs >= {reachable:.4f}, or raise max_layer_ratio"
         )
-    for _ in range(20):
+    # Below this step in the ratio no unit changes hands: one unit of the largest scope.
+    scored = [g for g in select.groups if g.key in select.scores]
+    per_scope = [sum(select.original[g.key] for g in scored)] if select.scope == "global" else [
+        select.original[g.key] for g in scored]
+    resolution = 0.5 / max(per_scope)
+    while hi - lo > resolution:
         mid = (lo + hi) / 2
         if macs(select(mid)) <= goal:
             hi = mid

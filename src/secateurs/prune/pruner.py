@@ -226,32 +226,22 @@ class Pruner:
         for indices, goal in self._pools(target):
             total = sum(self.targets[i].numel for i in indices)
             start = sum(self._pruned[i] for i in indices) / max(total, 1)
-            pools.append((indices, goal, start, total))
+            pools.append((indices, goal, start))
         rounds = max(int(criterion.iterations), 1)
         try:
             for r in range(1, rounds + 1):
                 criterion.prepare(masks)
                 try:
-                    for indices, goal, start, total in pools:
+                    for indices, goal, start in pools:
                         if goal < start:  # lowering the sparsity: select afresh, in one round
-                            if r > 1:
-                                continue
-                            for i in indices:
-                                masks[i].fill_(True)
-                            goal_now = goal
+                            if r == 1:
+                                for i in indices:
+                                    masks[i].fill_(True)
+                                self._prune_pool(indices, goal)
                         elif r == rounds:
-                            goal_now = goal
+                            self._prune_pool(indices, goal)
                         else:  # density shrinks geometrically over the rounds (synflow)
-                            goal_now = 1.0 - (1.0 - start) * ((1.0 - goal) / (1.0 - start)) ** (r / rounds)
-                        if self.pattern is not None:
-                            self._apply_pattern(indices)
-                        prune_lowest_(
-                            [masks[i] for i in indices],
-                            lambda j, a, b, idx=indices: criterion.chunk(idx[j], a, b),
-                            int(goal_now * total + 0.5),
-                            keep_pruned=True,
-                            signed=criterion.signed,
-                        )
+                            self._prune_pool(indices, 1.0 - (1.0 - start) * ((1.0 - goal) / (1.0 - start)) ** (r / rounds))
                 finally:
                     criterion.release()
         finally:
@@ -263,6 +253,20 @@ class Pruner:
             self._sync_optimizer_state(optimizer)
         self.steps += 1
         return self.current_sparsity
+
+    def _prune_pool(self, indices: list[int], sparsity: float) -> None:
+        """Prune the weights ``indices`` together to ``sparsity`` (N:M blocks first)."""
+        assert self._masks is not None
+        if self.pattern is not None:
+            self._apply_pattern(indices)
+        criterion = self.criterion
+        prune_lowest_(
+            [self._masks[i] for i in indices],
+            lambda j, a, b: criterion.chunk(indices[j], a, b),
+            int(sparsity * sum(self.targets[i].numel for i in indices) + 0.5),
+            keep_pruned=True,
+            signed=criterion.signed,
+        )
 
     def _apply_pattern(self, indices: list[int]) -> None:
         assert self.pattern is not None and self._masks is not None

@@ -42,7 +42,7 @@ def scores_of(criterion: str, model: nn.Module | None = None, **options: object)
 
 
 def test_registry_names_every_criterion():
-    assert CRITERIA == ("magnitude", "random", "gradient", "taylor", "movement", "activation", "synflow")
+    assert CRITERIA == ("magnitude", "gradient", "activation", "taylor", "movement", "random", "synflow")
 
 
 def test_magnitude_l1_is_absolute_value():
@@ -261,7 +261,7 @@ def test_data_free_criteria_do_not_require_data(name):
 
 
 def test_unknown_criterion_lists_the_allowed_ones():
-    with pytest.raises(SecateursError, match="criterion: got 'nonsense'; allowed: magnitude, random, gradient"):
+    with pytest.raises(SecateursError, match="criterion: got 'nonsense'; allowed: magnitude, gradient, activation"):
         Pruner(tiny(), sparsity=0.5, criterion="nonsense")
 
 

@@ -172,53 +172,6 @@ class MagnitudeCriterion(Criterion):
         return {"p": self.p}
 
 
-@register
-class RandomCriterion(Criterion):
-    """Uniform random scores. Each pruning step draws afresh; ``seed`` makes it reproducible
-    (``None`` takes one from torch's global generator when bound, broadcast from rank 0)."""
-
-    name = "random"
-
-    def __init__(self, seed: int | None = None):
-        super().__init__()
-        self.seed = seed
-        self.draws = 0
-
-    def bind(self, model: nn.Module, targets: Sequence[Target]) -> None:
-        super().bind(model, targets)
-        if self.seed is None:
-            seed = torch.randint(0, 2**31 - 1, (1,))
-            if _world() > 1:
-                dist.broadcast(seed, src=0)
-            self.seed = int(seed)
-
-    def prepare(self, masks: Sequence[torch.Tensor]) -> None:
-        self.draws += 1
-
-    def chunk(self, index: int, start: int, stop: int) -> torch.Tensor:
-        # Scores are generated per fixed block of CHUNK from a seed derived from (seed, draw,
-        # target, block), so any slice, in any order, sees the same numbers.
-        device = self.targets[index].param.device
-        pieces = []
-        for block in range(start // CHUNK, (stop - 1) // CHUNK + 1):
-            lo = block * CHUNK
-            hi = min(lo + CHUNK, self.targets[index].numel)
-            g = torch.Generator().manual_seed(hash((self.seed, self.draws, index, block)) & (2**63 - 1))
-            pieces.append(torch.rand(hi - lo, generator=g)[max(start - lo, 0) : stop - lo])
-        return torch.cat(pieces).to(device)
-
-    def options(self) -> dict[str, Any]:
-        return {"seed": self.seed}
-
-    def state_dict(self) -> dict[str, Any]:
-        return super().state_dict() | {"draws": self.draws}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.seed = state["options"]["seed"]
-        self.draws = int(state.get("draws", 0))
-
-
 def _batches(batches: Iterable[Any], max_batches: int | None) -> Iterator[tuple[Any, Any]]:
     seen = 0
     for batch in batches:
@@ -385,51 +338,6 @@ class GradientCriterion(_GradientStatistic):
 
 
 @register
-class TaylorCriterion(_GradientStatistic):
-    """``|w * g|`` with ``g`` the mean gradient over the scored batches: the first-order estimate
-    of the loss change when ``w`` is removed. Scored at initialisation this is SNIP."""
-
-    name = "taylor"
-
-    def _accumulate(self, index: int, weight: torch.Tensor, grad: torch.Tensor) -> None:
-        self._add(index, grad)
-
-    def _score(self, index: int) -> torch.Tensor:
-        total, count = self._statistic(index)
-        weight = self.targets[index].param.detach().to(torch.float32)
-        return (weight * (total / count)).abs()
-
-
-@register
-class MovementCriterion(_GradientStatistic):
-    """``-sum_t w_t * g_t``: weights moving away from zero score high (Sanh et al. 2020).
-
-    Accumulated at every optimizer step once the pruner is attached to the optimizer, and over
-    scored batches. Summed over ranks' averages under ``torch.distributed``.
-    """
-
-    name = "movement"
-    signed = True
-    accumulates = True
-
-    def _accumulate(self, index: int, weight: torch.Tensor, grad: torch.Tensor) -> None:
-        self._add(index, -(weight.to(torch.float32) * grad.to(torch.float32)))
-
-    @torch.no_grad()
-    def on_optimizer_step(self) -> None:
-        """Add ``-w * g`` from the current ``.grad`` (called before the optimizer updates)."""
-        for i, target in enumerate(self.targets):
-            param = target.param
-            if param.grad is not None and param.grad.layout == torch.strided:
-                self._accumulate(i, param.detach(), param.grad)
-        self.count += 1
-
-    def _score(self, index: int) -> torch.Tensor:
-        total, _ = self._statistic(index)
-        return total / _world()
-
-
-@register
 class ActivationCriterion(_DataCriterion):
     """``|w| * mean |x|`` where ``x`` is the input ``w`` multiplies: the seeds' importance
     ``sum |activation x weight|`` (up to the number of samples). Needs inputs, not labels."""
@@ -495,6 +403,98 @@ class ActivationCriterion(_DataCriterion):
             saved = state.get("stats", {}).get(name)
             stat.total = None if saved is None else saved["total"].clone()
             stat.count = None if saved is None else saved["count"].clone()
+
+
+@register
+class TaylorCriterion(_GradientStatistic):
+    """``|w * g|`` with ``g`` the mean gradient over the scored batches: the first-order estimate
+    of the loss change when ``w`` is removed. Scored at initialisation this is SNIP."""
+
+    name = "taylor"
+
+    def _accumulate(self, index: int, weight: torch.Tensor, grad: torch.Tensor) -> None:
+        self._add(index, grad)
+
+    def _score(self, index: int) -> torch.Tensor:
+        total, count = self._statistic(index)
+        weight = self.targets[index].param.detach().to(torch.float32)
+        return (weight * (total / count)).abs()
+
+
+@register
+class MovementCriterion(_GradientStatistic):
+    """``-sum_t w_t * g_t``: weights moving away from zero score high (Sanh et al. 2020).
+
+    Accumulated at every optimizer step once the pruner is attached to the optimizer, and over
+    scored batches. Summed over ranks' averages under ``torch.distributed``.
+    """
+
+    name = "movement"
+    signed = True
+    accumulates = True
+
+    def _accumulate(self, index: int, weight: torch.Tensor, grad: torch.Tensor) -> None:
+        self._add(index, -(weight.to(torch.float32) * grad.to(torch.float32)))
+
+    @torch.no_grad()
+    def on_optimizer_step(self) -> None:
+        """Add ``-w * g`` from the current ``.grad`` (called before the optimizer updates)."""
+        for i, target in enumerate(self.targets):
+            param = target.param
+            if param.grad is not None and param.grad.layout == torch.strided:
+                self._accumulate(i, param.detach(), param.grad)
+        self.count += 1
+
+    def _score(self, index: int) -> torch.Tensor:
+        total, _ = self._statistic(index)
+        return total / _world()
+
+
+@register
+class RandomCriterion(Criterion):
+    """Uniform random scores. Each pruning step draws afresh; ``seed`` makes it reproducible
+    (``None`` takes one from torch's global generator when bound, broadcast from rank 0)."""
+
+    name = "random"
+
+    def __init__(self, seed: int | None = None):
+        super().__init__()
+        self.seed = seed
+        self.draws = 0
+
+    def bind(self, model: nn.Module, targets: Sequence[Target]) -> None:
+        super().bind(model, targets)
+        if self.seed is None:
+            seed = torch.randint(0, 2**31 - 1, (1,))
+            if _world() > 1:
+                dist.broadcast(seed, src=0)
+            self.seed = int(seed)
+
+    def prepare(self, masks: Sequence[torch.Tensor]) -> None:
+        self.draws += 1
+
+    def chunk(self, index: int, start: int, stop: int) -> torch.Tensor:
+        # Scores are generated per fixed block of CHUNK from a seed derived from (seed, draw,
+        # target, block), so any slice, in any order, sees the same numbers.
+        device = self.targets[index].param.device
+        pieces = []
+        for block in range(start // CHUNK, (stop - 1) // CHUNK + 1):
+            lo = block * CHUNK
+            hi = min(lo + CHUNK, self.targets[index].numel)
+            g = torch.Generator().manual_seed(hash((self.seed, self.draws, index, block)) & (2**63 - 1))
+            pieces.append(torch.rand(hi - lo, generator=g)[max(start - lo, 0) : stop - lo])
+        return torch.cat(pieces).to(device)
+
+    def options(self) -> dict[str, Any]:
+        return {"seed": self.seed}
+
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | {"draws": self.draws}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.seed = state["options"]["seed"]
+        self.draws = int(state.get("draws", 0))
 
 
 @register

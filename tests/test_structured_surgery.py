@@ -334,3 +334,27 @@ def test_torchvision_resnet18_is_pruned() -> None:
     small = structured(model, x, ratio=0.5)
     assert small(x).shape == (1, 10)
     assert count_macs(small, x) < 0.4 * count_macs(model, x)
+
+
+def test_ignore_accepts_the_layers_themselves() -> None:
+    model, x = zoo("seed-cnn"), x_for()
+    small = structured(model, x, ratio=0.5, ignore=[model.features[6]])
+    assert small.features[6].weight.shape == model.features[6].weight.shape
+    assert small.features[0].out_channels == 16 and small.classifier[1].out_features == 32
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 16), nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.a(x) + self.b(y)))
+
+
+def test_models_with_several_inputs_take_a_tuple() -> None:
+    torch.manual_seed(0)
+    inputs = (torch.randn(2, 4), torch.randn(2, 6))
+    small = structured(_TwoInputs(), inputs, ratio=0.25)
+    assert small.a.out_features == small.b.out_features == 12
+    assert small(*inputs).shape == (2, 3)

@@ -10,6 +10,7 @@ is done on the local shards, which is the same as scaling the DTensor by a repli
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable
 
 import torch
@@ -26,7 +27,7 @@ try:  # torch.distributed can be missing from custom builds
 except ImportError:  # pragma: no cover - depends on the torch build
     _DTensor = None
 
-# numel at or below which AGC stacks tensors of equal shape instead of one kernel per tensor
+# numel at or below which tensors of equal shape are stacked into one kernel (see shape_groups)
 SMALL_NUMEL = 1 << 16
 
 
@@ -39,12 +40,28 @@ def as_list(params: Params) -> list[Tensor]:
 
 def with_grad(params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     """The parameters that have a gradient, and those gradients, in the same order."""
-    kept = [p for p in params if p.grad is not None]
-    return kept, [p.grad for p in kept]  # type: ignore[misc]
+    grads = [p.grad for p in params]
+    if all(g is not None for g in grads):
+        return params, grads  # type: ignore[return-value]
+    kept = [p for p, g in zip(params, grads, strict=True) if g is not None]
+    return kept, [g for g in grads if g is not None]
 
 
 def is_dtensor(t: Tensor) -> bool:
     return _DTensor is not None and isinstance(t, _DTensor)
+
+
+def has_dtensor(tensors: list[Tensor]) -> bool:
+    """Whether any of ``tensors`` is a DTensor (one type check per distinct type)."""
+    return _DTensor is not None and any(issubclass(k, _DTensor) for k in set(map(type, tensors)))
+
+
+_IS_CPU = operator.attrgetter("is_cpu")
+
+
+def is_dense_cpu(tensors: list[Tensor]) -> bool:
+    """All on the CPU and none a DTensor: reading a value costs no device sync."""
+    return all(map(_IS_CPU, tensors)) and not has_dtensor(tensors)
 
 
 def plain(t: Tensor) -> Tensor:
@@ -54,9 +71,9 @@ def plain(t: Tensor) -> Tensor:
 
 def local(tensors: list[Tensor]) -> list[Tensor]:
     """Local shards of DTensors (views of the same storage); ordinary tensors unchanged."""
-    if _DTensor is None:
+    if not has_dtensor(tensors):
         return tensors
-    return [t.to_local() if isinstance(t, _DTensor) else t for t in tensors]
+    return [t.to_local() if is_dtensor(t) else t for t in tensors]
 
 
 def check_norm_type(norm_type: float | str, field: str = "norm_type") -> float:
@@ -114,20 +131,16 @@ def shape_groups(tensors: list[Tensor]) -> list[list[int]]:
     out: list[list[int]] = []
     small: dict[tuple[torch.Size, torch.dtype, torch.device], list[int]] = {}
     for i, t in enumerate(tensors):
-        if t.numel() > SMALL_NUMEL:
-            out.append([i])
-            continue
         key = (t.shape, t.dtype, t.device)
         group = small.get(key)
         if group is None:
+            if t.numel() > SMALL_NUMEL:
+                out.append([i])
+                continue
             group = small[key] = []
             out.append(group)
         group.append(i)
     return out
-
-
-def _dense_cpu(tensors: list[Tensor]) -> bool:
-    return all(t.is_cpu and not is_dtensor(t) for t in tensors)
 
 
 def _cpu_norms(tensors: list[Tensor], p: float, *, each: bool) -> list[Tensor]:
@@ -165,16 +178,17 @@ def _cpu_norms(tensors: list[Tensor], p: float, *, each: bool) -> list[Tensor]:
 
 
 @torch.no_grad()
-def total_norm(tensors: list[Tensor], norm_type: float = 2.0) -> Tensor:
+def total_norm(tensors: list[Tensor], norm_type: float = 2.0, *, cpu: bool | None = None) -> Tensor:
     """p-norm of all ``tensors`` viewed as one vector; a 0-d tensor, no host read.
 
     Off the CPU (and for DTensors) this is :func:`torch.nn.utils.get_total_norm`, the norm
     :func:`torch.nn.utils.clip_grad_norm_` computes; on the CPU small tensors are reduced in
-    stacks (see :func:`_cpu_norms`), which equals it up to float rounding.
+    stacks (see :func:`_cpu_norms`), which equals it up to float rounding. ``cpu`` passes
+    :func:`is_dense_cpu` if the caller already knows it.
     """
     if not tensors:
         return torch.zeros(())
-    if _dense_cpu(tensors):
+    if is_dense_cpu(tensors) if cpu is None else cpu:
         parts = _cpu_norms(tensors, norm_type, each=False)
         return parts[0] if len(parts) == 1 else combine_norms(torch.stack(parts), norm_type)
     return plain(torch.nn.utils.get_total_norm(tensors, norm_type))
@@ -183,7 +197,7 @@ def total_norm(tensors: list[Tensor], norm_type: float = 2.0) -> Tensor:
 @torch.no_grad()
 def per_tensor_norms(tensors: list[Tensor], norm_type: float = 2.0) -> Tensor:
     """Vector of the p-norm of each tensor, in order, on the first tensor's device."""
-    if _dense_cpu(tensors):
+    if is_dense_cpu(tensors):
         return torch.stack(_cpu_norms(tensors, norm_type, each=True))
     first = tensors[0].device
     groups = _groups(tensors)
@@ -203,16 +217,18 @@ def combine_norms(norms: Tensor, norm_type: float) -> Tensor:
 
 
 @torch.no_grad()
-def scale_(tensors: list[Tensor], factor: Tensor | float) -> None:
+def scale_(tensors: list[Tensor], factor: Tensor | float, *, cpu: bool | None = None) -> None:
     """Multiply every tensor in place by one factor (a 0-d tensor or a float)."""
-    tensors = local(tensors)
     if not tensors:
         return
+    if is_dense_cpu(tensors) if cpu is None else cpu:
+        torch._foreach_mul_(tensors, factor)
+        return
+    tensors = local(tensors)
     for (device, _), (ts, _) in _groups(tensors).items():
         f = factor.to(device) if isinstance(factor, Tensor) else factor
         if _device_has_foreach_support(device):
-            # reversed: the norm pass read these in order, so the last ones are still in cache
-            torch._foreach_mul_(ts[::-1], f)
+            torch._foreach_mul_(ts, f)
         else:
             for t in ts:
                 t.mul_(f)
@@ -229,7 +245,7 @@ def scale_each_(tensors: list[Tensor], factors: list[Tensor]) -> None:
         fs = factors if len(groups) == 1 else [factors[i] for i in idx]
         fs = [f.to(device) for f in fs] if fs[0].device != device else fs
         if _device_has_foreach_support(device):
-            torch._foreach_mul_(ts[::-1], fs[::-1])
+            torch._foreach_mul_(ts, fs)
         else:
             for t, f in zip(ts, fs, strict=True):
                 t.mul_(f)

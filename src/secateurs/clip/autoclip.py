@@ -14,7 +14,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from secateurs.clip._tensors import check_norm_type, clip_coefficient, scale_, total_norm, with_grad
+from secateurs.clip._tensors import (
+    check_norm_type,
+    clip_coefficient,
+    is_dense_cpu,
+    scale_,
+    total_norm,
+    with_grad,
+)
 from secateurs.clip.registry import register
 from secateurs.clip.rules import StatefulRule
 from secateurs.clip.stats import ClipStats
@@ -79,7 +86,8 @@ class AutoClip(StatefulRule):
 
     def clip(self, params: list[Tensor]) -> ClipStats:
         _, grads = with_grad(params)
-        norm = total_norm(grads, self.norm_type)
+        cpu = is_dense_cpu(grads)
+        norm = total_norm(grads, self.norm_type, cpu=cpu)
         st = self._state_on(norm.device)
         hist, count, head = st["history"], st["count"], st["head"]
 
@@ -92,7 +100,7 @@ class AutoClip(StatefulRule):
 
         threshold = percentile(torch.sort(hist).values, count, self.percentile)
         coef = clip_coefficient(norm, threshold)
-        scale_(grads, coef)
+        scale_(grads, coef, cpu=cpu)
         return ClipStats(norm, norm * coef, threshold, coef < 1.0)
 
     def _fields(self) -> dict[str, Any]:

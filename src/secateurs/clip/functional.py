@@ -25,6 +25,7 @@ from secateurs.clip._tensors import (
     check_positive,
     clip_coefficient,
     combine_norms,
+    is_dense_cpu,
     local,
     per_tensor_norms,
     scale_,
@@ -99,14 +100,14 @@ def by_global_norm_(params: Params, max_norm: float, *, norm_type: float | str =
     m = check_positive(max_norm, "max_norm")
     p = check_norm_type(norm_type)
     _, grads = with_grad(as_list(params))
-    norm = total_norm(grads, p)
     if not grads:
-        return norm
+        return torch.zeros(())
+    cpu = is_dense_cpu(grads)
+    norm = total_norm(grads, p, cpu=cpu)
     coef = clip_coefficient(norm, m)
-    on_cpu = all(g.device.type == "cpu" for g in grads)
     # `not coef >= 1` also scales when the norm is NaN, as torch does (the grads become NaN)
-    if not on_cpu or not bool(coef >= 1.0):
-        scale_(grads, coef)
+    if not cpu or not bool(coef >= 1.0):
+        scale_(grads, coef, cpu=cpu)
     return norm
 
 

@@ -33,6 +33,7 @@ from secateurs.clip._tensors import (
     clip_coefficient,
     combine_norms,
     constant,
+    is_dense_cpu,
     per_tensor_norms,
     scale_,
     scale_each_,
@@ -199,9 +200,10 @@ class GlobalNorm(Rule):
 
     def clip(self, params: list[Tensor]) -> ClipStats:
         _, grads = with_grad(params)
-        norm = total_norm(grads, self.norm_type)
+        cpu = is_dense_cpu(grads)
+        norm = total_norm(grads, self.norm_type, cpu=cpu)
         coef = clip_coefficient(norm, self.max_norm)
-        scale_(grads, coef)
+        scale_(grads, coef, cpu=cpu)
         return ClipStats(
             norm_before=norm,
             norm_after=norm * coef,

@@ -13,7 +13,9 @@ For each unit, with ``W`` its weights and ``G`` its gradient::
     G    <- G * max_u / max(||G||, 1e-6)   otherwise
 
 Small tensors of the same shape are stacked so a model with thousands of small parameters costs
-a handful of kernels, not one per tensor; large tensors are reduced where they lie.
+a handful of kernels, not one per tensor; large tensors are reduced where they lie. Units never
+span tensors, so clipping proceeds chunk by chunk and each gradient is scaled while still in
+cache from its norm pass.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from torch import Tensor
 
 from secateurs.clip._tensors import is_dtensor, shape_groups
 from secateurs.errors import SecateursError
+
+# elements per chunk: a chunk's gradients and weights stay in a typical L2/L3 cache
+CHUNK_NUMEL = 1 << 20
 
 
 def _unit_norms(stacked: Tensor, unit_ndim: int) -> Tensor:
@@ -62,53 +67,72 @@ class AGCResult:
     """True when at least one unit was scaled down."""
 
 
+def _chunks(groups: list[list[int]], tensors: list[Tensor]) -> list[list[list[int]]]:
+    """Consecutive groups on one device holding at most ``CHUNK_NUMEL`` elements together."""
+    chunks: list[list[list[int]]] = []
+    size = 0
+    device = None
+    for index in groups:
+        t = tensors[index[0]]
+        n = t.numel() * len(index)
+        if not chunks or size + n > CHUNK_NUMEL or t.device != device:
+            chunks.append([])
+            size = 0
+            device = t.device
+        chunks[-1].append(index)
+        size += n
+    return chunks
+
+
 @torch.no_grad()
 def agc_apply_(params: list[Tensor], grads: list[Tensor], clipping: float, eps: float) -> AGCResult:
-    """Clip ``grads`` (the gradients of ``params``, same order) unit-wise, in place."""
+    """Clip ``grads`` (the gradients of ``params``, same order) unit-wise, in place.
+
+    Units never span tensors, so the work goes chunk by chunk (a few MB of gradients at a time):
+    reduce the chunk's weights and gradients, then scale its gradients while they are still in
+    cache. Memory traffic is one read of the weights and one read and write of the gradients.
+    """
     _check_plain(grads)
-    groups = shape_groups(grads)
     first = grads[0].device
-    g_parts: list[Tensor] = []
-    w_parts: list[Tensor] = []
-    for index in groups:
-        # weights and gradients of one group back to back, so the scaling pass below (run in
-        # reverse) finds the most recent ones still in cache
-        ndim = grads[index[0]].dim()
-        w_parts.append(_unit_norms(_stack(params, index), ndim).to(first))
-        g_parts.append(_unit_norms(_stack(grads, index), ndim).to(first))
-    g_units = torch.cat(g_parts)
-    w_units = torch.cat(w_parts)
-    bound = torch.clamp(w_units, min=eps) * clipping
-    factor = torch.where(g_units < bound, 1.0, bound / torch.clamp(g_units, min=1e-6))
+    g_all: list[Tensor] = []
+    f_all: list[Tensor] = []
+    b_all: list[Tensor] = []
+    for chunk in _chunks(shape_groups(grads), grads):
+        g_parts = []
+        w_parts = []
+        for index in chunk:
+            ndim = grads[index[0]].dim()
+            w_parts.append(_unit_norms(_stack(params, index), ndim))
+            g_parts.append(_unit_norms(_stack(grads, index), ndim))
+        g_units = g_parts[0] if len(g_parts) == 1 else torch.cat(g_parts)
+        w_units = w_parts[0] if len(w_parts) == 1 else torch.cat(w_parts)
+        bound = torch.clamp(w_units, min=eps) * clipping
+        factor = torch.where(g_units < bound, 1.0, bound / torch.clamp(g_units, min=1e-6))
 
-    targets: list[Tensor] = []
-    factors: list[Tensor] = []
-    for index, f in zip(groups, torch.split(factor, [p.numel() for p in g_parts]), strict=True):
-        shape = grads[index[0]].shape
-        # [k, units, 1, ...] (or [k, 1] / [k] for 1-D / 0-d) so each slice broadcasts
-        lead = (len(index), shape[0]) if len(shape) > 1 else (len(index),)
-        trailing = [1] * (len(shape) - 1 if len(shape) > 1 else len(shape))
-        targets.extend(grads[i] for i in index)
-        factors.extend(f.view(*lead, *trailing).unbind(0))
-    _mul_(targets[::-1], factors[::-1])
+        targets: list[Tensor] = []
+        factors: list[Tensor] = []
+        pieces = [factor] if len(chunk) == 1 else factor.split([p.numel() for p in g_parts])
+        for index, f in zip(chunk, pieces, strict=True):
+            shape = grads[index[0]].shape
+            # [k, units, 1, ...] (or [k, 1] / [k] for 1-D / 0-d) so each slice broadcasts
+            lead = (len(index), shape[0]) if len(shape) > 1 else (len(index),)
+            trailing = [1] * (len(shape) - 1 if len(shape) > 1 else len(shape))
+            targets.extend(grads[i] for i in index)
+            factors.extend(f.view(*lead, *trailing).unbind(0))
+        if grads[chunk[0][0]].device.type in ("cpu", "cuda"):
+            torch._foreach_mul_(targets, factors)
+        else:
+            for t, f in zip(targets, factors, strict=True):
+                t.mul_(f)
+        g_all.append(g_units.to(first))
+        f_all.append(factor.to(first))
+        b_all.append(bound.to(first))
 
+    g_units = torch.cat(g_all)
+    factor = torch.cat(f_all)
     return AGCResult(
         grad_norm=torch.linalg.vector_norm(g_units),
         clipped_norm=torch.linalg.vector_norm(g_units * factor),
-        threshold=torch.linalg.vector_norm(bound),
+        threshold=torch.linalg.vector_norm(torch.cat(b_all)),
         clipped=(factor < 1.0).any(),
     )
-
-
-def _mul_(tensors: list[Tensor], factors: list[Tensor]) -> None:
-    by_device: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
-    for t, f in zip(tensors, factors, strict=True):
-        ts, fs = by_device.setdefault(t.device, ([], []))
-        ts.append(t)
-        fs.append(f if f.device == t.device else f.to(t.device))
-    for device, (ts, fs) in by_device.items():
-        if device.type in ("cpu", "cuda"):
-            torch._foreach_mul_(ts, fs)
-        else:
-            for t, f in zip(ts, fs, strict=True):
-                t.mul_(f)

@@ -22,7 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from secateurs.clip._tensors import check_positive, clip_coefficient, scale_, total_norm, with_grad
+from secateurs.clip._tensors import (
+    check_positive,
+    clip_coefficient,
+    is_dense_cpu,
+    scale_,
+    total_norm,
+    with_grad,
+)
 from secateurs.clip.registry import register
 from secateurs.clip.rules import StatefulRule
 from secateurs.clip.stats import ClipStats
@@ -75,7 +82,8 @@ class ZClip(StatefulRule):
 
     def clip(self, params: list[Tensor]) -> ClipStats:
         _, grads = with_grad(params)
-        norm = total_norm(grads)
+        cpu = is_dense_cpu(grads)
+        norm = total_norm(grads, cpu=cpu)
         st = self._state_on(norm.device)
         buf, seen, mean, var = st["warmup"], st["seen"], st["mean"], st["var"]
         g = norm.float()
@@ -96,7 +104,7 @@ class ZClip(StatefulRule):
             threshold = torch.clamp(threshold, max=self.max_norm)
             trigger = torch.clamp(trigger, max=self.max_norm)
         coef = clip_coefficient(norm, threshold)
-        scale_(grads, coef)
+        scale_(grads, coef, cpu=cpu)
 
         # warm-up: collect, and initialise the EMA once the buffer is full
         collect = warming & finite

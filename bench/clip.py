@@ -1,0 +1,165 @@
+"""Benchmark: secateurs.clip against torch.nn.utils.clip_grad_norm_ and against each other.
+
+Two gradient sets: 62 tensors / 24M elements shaped like ResNet-50's convolutions (plus a
+small head and some norm vectors), and 2000 small tensors (a deep MLP's weights and biases).
+Every contender runs once per round, in a rotating order, on gradients restored from a master
+copy just before it runs (so clipping never compounds and caches start alike); the reported
+ratio is the median over rounds of the per-round ratio, which cancels slow drifts in machine
+load. Targets are from issue 3.
+
+    PYTHONPATH=src python bench/clip.py [--rounds 25] [--threads 2] [--clock wall|cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from secateurs.clip import AGC, AutoClip, GlobalNorm, ZClip, by_global_norm_
+
+
+def resnet_like_shapes() -> list[tuple[int, ...]]:
+    """ResNet-50's 53 conv weights, a 256-way head, and 7 norm vectors: 62 tensors, 24.0M."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7)]
+    width_in = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            shapes += [(width, width_in, 1, 1), (width, width, 3, 3), (width * 4, width, 1, 1)]
+            if b == 0:
+                shapes.append((width * 4, width_in, 1, 1))
+            width_in = width * 4
+    shapes += [(256, 2048), (256,)]
+    shapes += [(64,), (64,), (256,), (256,), (512,), (512,), (2048,)]
+    return shapes
+
+
+def small_shapes() -> list[tuple[int, ...]]:
+    """1000 (64, 48) weights and 1000 (64,) biases: 2000 tensors, 3.1M elements."""
+    return [(64, 48) if i % 2 == 0 else (64,) for i in range(2000)]
+
+
+class GradSet:
+    """Parameters with gradients, and a master copy to restore the gradients from."""
+
+    def __init__(self, shapes: list[tuple[int, ...]], seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.params = []
+        for s in shapes:
+            p = torch.nn.Parameter(torch.randn(s, generator=g) * 0.05)
+            p.grad = torch.randn(s, generator=g) * 1e-3
+            self.params.append(p)
+        self.master = [p.grad.clone() for p in self.params]
+        self.norm = float(torch.nn.utils.get_total_norm(self.master))
+        self.numel = sum(p.numel() for p in self.params)
+
+    def reset(self) -> None:
+        torch._foreach_copy_([p.grad for p in self.params], self.master)
+
+
+def torch_clip(max_norm: float) -> Callable[[list[torch.nn.Parameter]], object]:
+    return lambda ps: torch.nn.utils.clip_grad_norm_(ps, max_norm, foreach=True)
+
+
+def ours_clip(max_norm: float) -> Callable[[list[torch.nn.Parameter]], object]:
+    return lambda ps: by_global_norm_(ps, max_norm)
+
+
+def run(
+    gs: GradSet,
+    contenders: dict[str, Callable],
+    rounds: int,
+    clock: Callable[[], float],
+    warmup: int = 3,
+) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    names = list(contenders)
+    for r in range(rounds + warmup):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            gs.reset()
+            start = clock()
+            contenders[name](gs.params)
+            elapsed = clock() - start
+            if r >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: process CPU time, steadier than wall time on a machine shared with other jobs",
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds, "
+        f"{args.clock} clock, CPU"
+    )
+    print(
+        f"{'set':<10} {'contender':<28} {'vs':<28} {'median ms':>9} {'vs ms':>8} {'ratio':>6}  target"
+    )
+
+    results = []
+    for label, shapes in (("resnet62", resnet_like_shapes()), ("small2000", small_shapes())):
+        gs = GradSet(shapes)
+        clip_to = 0.5 * gs.norm  # clipping case: the norm is twice the threshold
+        no_clip = 2.0 * gs.norm  # non-clipping case
+        # stateful rules start from a short history so their thresholds are in the clipping range
+        autoclip, zclip = AutoClip(), ZClip(warmup_steps=5)
+        for rule in (autoclip, zclip):
+            for _ in range(6):
+                gs.reset()
+                rule(gs.params)
+        contenders = {
+            "torch clip_grad_norm_ (clip)": torch_clip(clip_to),
+            "by_global_norm_ (clip)": ours_clip(clip_to),
+            "torch clip_grad_norm_ (no clip)": torch_clip(no_clip),
+            "by_global_norm_ (no clip)": ours_clip(no_clip),
+            "GlobalNorm": GlobalNorm(clip_to),
+            "AutoClip": autoclip,
+            "ZClip": zclip,
+            "AGC": AGC(),
+        }
+        times = run(gs, contenders, args.rounds, clock)
+        comparisons = [
+            ("by_global_norm_ (clip)", "torch clip_grad_norm_ (clip)", 1.0),
+            ("by_global_norm_ (no clip)", "torch clip_grad_norm_ (no clip)", 0.6),
+            ("AutoClip", "GlobalNorm", 1.15),
+            ("ZClip", "GlobalNorm", 1.15),
+            ("AGC", "GlobalNorm", 1.45),
+        ]
+        print(f"-- {label}: {len(gs.params)} tensors, {gs.numel / 1e6:.1f}M elements")
+        for a, b, target in comparisons:
+            ratio = paired_ratio(times, a, b)
+            ok = "ok" if ratio <= target else "MISSED"
+            ta, tb = statistics.median(times[a]) * 1e3, statistics.median(times[b]) * 1e3
+            print(
+                f"{label:<10} {a:<28} {b:<28} {ta:9.2f} {tb:8.2f} {ratio:6.2f}  <= {target:.2f} {ok}"
+            )
+            results.append(ratio <= target)
+    missed = results.count(False)
+    print(
+        f"{len(results) - missed}/{len(results)} targets met"
+        + ("" if not missed else f", {missed} missed")
+    )
+    assert all(math.isfinite(t) for ts in times.values() for t in ts)
+
+
+if __name__ == "__main__":
+    main()

@@ -70,6 +70,14 @@ def test_state_dict_round_trip_continues_the_log() -> None:
     assert log.norms()[3] == 3.0
 
 
+def test_state_dict_holds_one_tensor_per_column_and_also_loads_lists() -> None:
+    saved = filled_log().state_dict()
+    assert all(isinstance(v, torch.Tensor) and v.shape == (3,) for v in saved.values())
+    log = ClipLog()
+    log.load_state_dict({k: v.tolist() for k, v in saved.items()})
+    assert log.skipped() == [False, False, True]
+
+
 def test_load_state_dict_rejects_a_foreign_dict() -> None:
     with pytest.raises(SecateursError, match=r"ClipLog\.state_dict"):
         ClipLog().load_state_dict({"norms": [1.0]})

@@ -281,6 +281,27 @@ def test_skip_restores_state_an_optimizer_replaces_instead_of_updating_in_place(
         assert torch.equal(opt.state[p]["total"], before[p])
 
 
+def test_skip_restores_a_step_count_kept_in_the_param_group() -> None:
+    class GroupCounting(torch.optim.SGD):
+        """Counts steps in the param group, as some third-party optimizers do."""
+
+        @torch.no_grad()
+        def step(self, closure: Callable[[], float] | None = None) -> float | None:
+            for group in self.param_groups:
+                group["step"] = group.get("step", 0) + 1
+            return super().step(closure)
+
+    model = make_model()
+    opt = wrap(GroupCounting(model.parameters(), lr=0.1), GlobalNorm(MAX_NORM))
+    loss_of(model, 0).backward()
+    opt.step()
+    opt.zero_grad()
+    nan_grads(model)
+    opt.step()
+    assert opt.param_groups[0]["step"] == 1
+    assert opt.log.skipped() == [False, True]
+
+
 def test_error_policy_names_the_step_and_leaves_params_untouched() -> None:
     model = make_model()
     opt = wrap(torch.optim.SGD(model.parameters(), lr=0.1), GlobalNorm(MAX_NORM), nonfinite="error")

@@ -8,8 +8,8 @@ copy of the parameters with a gradient and of their optimizer state tensors (buf
 from step to step), so "skip" costs one extra read-write of that memory per step.
 
 Only changes the flag cannot express as a select force a host read of the flag: optimizer
-state created or removed by the step, or a non-tensor state value (a Python number) that
-changed. With torch's built-in optimizers that happens on the step that creates the state
+state created or removed by the step, or a non-tensor value (a Python number) that changed in
+the state or in a parameter group (some optimizers count steps in the group). With torch's built-in optimizers that happens on the step that creates the state
 (normally the first) and never again. A state tensor kept on another device than the flag
 (Adam's CPU ``step`` counter for CUDA parameters unless ``capturable=True`` or ``fused=True``)
 is restored after copying the flag to that device, which is a sync too.
@@ -44,6 +44,7 @@ class _Capture:
     tensors: list[Tensor]  # params first, then state tensors, as captured
     slots: list[tuple[Tensor, Any]]  # (param, key) of each state tensor
     before: dict[Tensor, dict[Any, Any] | None]  # shallow copy of each param's state dict
+    groups: list[dict[str, Any]]  # shallow copy of each param group's options
     buffers: list[Tensor] = field(default_factory=list)
 
 
@@ -71,7 +72,8 @@ class StepGuard:
                         slots.append((p, key))
             else:
                 before[p] = None
-        cap = _Capture(list(params), tensors, slots, before)
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        cap = _Capture(list(params), tensors, slots, before, groups)
         sources = local(tensors)
         cap.buffers = self._buffers_for(sources)
         _copy_(cap.buffers, sources)
@@ -117,6 +119,12 @@ class StepGuard:
 
     @staticmethod
     def _structure_changed(optimizer: torch.optim.Optimizer, cap: _Capture) -> bool:
+        for group, saved in zip(optimizer.param_groups, cap.groups, strict=True):
+            # some optimizers keep a step count in the group (not in the state)
+            if group.keys() - {"params"} != saved.keys():
+                return True
+            if not all(_same(group[k], v) for k, v in saved.items()):
+                return True
         state = optimizer.state
         for p, entry in cap.before.items():
             if entry is None:
@@ -133,6 +141,11 @@ class StepGuard:
 
     @staticmethod
     def _restore_structure(optimizer: torch.optim.Optimizer, cap: _Capture) -> None:
+        for group, saved in zip(optimizer.param_groups, cap.groups, strict=True):
+            params = group["params"]
+            group.clear()
+            group.update(saved)
+            group["params"] = params
         state = optimizer.state
         saved = dict(zip(cap.slots, cap.buffers[len(cap.params) :], strict=True))
         for p, entry in cap.before.items():

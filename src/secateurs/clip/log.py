@@ -126,22 +126,25 @@ class ClipLog:
         return self.total_steps
 
     def state_dict(self) -> dict[str, Any]:
-        """All recorded steps as lists of floats (reads the device once)."""
+        """All recorded steps, one float64 CPU tensor per column (reads the device once)."""
         self._materialise()
-        return {name: list(col) for name, col in zip(_COLUMNS, self._host, strict=True)}
+        return {
+            name: torch.tensor(col, dtype=torch.float64)
+            for name, col in zip(_COLUMNS, self._host, strict=True)
+        }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Replace the log with a saved one; later records continue after it."""
-        check(
-            set(state_dict) == set(_COLUMNS),
-            "ClipLog.state_dict",
-            sorted(state_dict),
-            str(list(_COLUMNS)),
-        )
-        lengths = {len(state_dict[name]) for name in _COLUMNS}
-        check(len(lengths) == 1, "ClipLog.state_dict", sorted(lengths), "columns of equal length")
+        """Replace the log with a saved one (tensors or lists); later records continue after it."""
+        field = "ClipLog.state_dict"
+        check(set(state_dict) == set(_COLUMNS), field, sorted(state_dict), str(list(_COLUMNS)))
+        columns = [
+            [float(v) for v in (c.tolist() if isinstance(c, torch.Tensor) else c)]
+            for c in (state_dict[name] for name in _COLUMNS)
+        ]
+        lengths = sorted({len(c) for c in columns})
+        check(len(lengths) == 1, field, lengths, "columns of equal length")
         self._pending, self._blocks, self._queued = [], [], 0
-        self._host = [[float(v) for v in state_dict[name]] for name in _COLUMNS]
+        self._host = columns
 
     def __repr__(self) -> str:
         return f"ClipLog(total_steps={self.total_steps})"

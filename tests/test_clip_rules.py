@@ -304,6 +304,25 @@ def test_state_dict_round_trip_gives_identical_thresholds_after_resume(
             assert torch.equal(x.grad, y.grad)
 
 
+@pytest.mark.parametrize("make", STATEFUL, ids=["autoclip", "zclip", "adagc", "chain"])
+def test_a_non_finite_step_leaves_the_rule_state_unchanged(make: Callable[[], Rule]) -> None:
+    rule = make()
+    for step in range(7):
+        rule(params_with_grads(step))
+    before = rule.state_dict()
+    params = params_with_grads(9)
+    params[0].grad[0, 0] = math.nan
+    rule(params)
+    after = rule.state_dict()
+
+    def same(a: dict, b: dict) -> bool:
+        return a.keys() == b.keys() and all(
+            same(a[k], b[k]) if isinstance(a[k], dict) else torch.equal(a[k], b[k]) for k in a
+        )
+
+    assert same(before, after)
+
+
 def test_state_dict_is_a_copy_not_a_view_of_the_running_state() -> None:
     rule = AutoClip(history=4)
     rule(scalar_param(1.0))

@@ -426,7 +426,7 @@ class MovementCriterion(_GradientStatistic):
     """``-sum_t w_t * g_t``: weights moving away from zero score high (Sanh et al. 2020).
 
     Accumulated at every optimizer step once the pruner is attached to the optimizer, and over
-    scored batches. Summed over ranks' averages under ``torch.distributed``.
+    scored batches; averaged over ranks under ``torch.distributed``.
     """
 
     name = "movement"

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 from conftest import QUICK_RUN, assert_same_tensors
 
 pytestmark = pytest.mark.slow
@@ -130,7 +132,7 @@ def _nan_dataset(path: Path) -> None:
     x = digits.images.astype(np.float32)
     y = digits.target.astype(np.int64)
     x_train, y_train = x[:1400].copy(), y[:1400]
-    x_train[::97] = np.nan  # a poisoned example in a few batches
+    x_train[::350] = np.nan  # four poisoned examples: a few batches per epoch
     np.savez(path, x_train=x_train, y_train=y_train, x_test=x[1400:], y_test=y[1400:])
 
 
@@ -138,11 +140,13 @@ def test_nonfinite_inputs_are_skipped_and_counted(tmp_path: Path) -> None:
     data = tmp_path / "poisoned.npz"
     _nan_dataset(data)
     out = tmp_path / "run"
-    result = _cli("run", *_set_args([f"data.name={json.dumps(str(data))}", "train.epochs=2", "prune.kind=none"]), "--quiet", "--out", str(out))
+    result = _cli("run", *_set_args([f"data.name={json.dumps(str(data))}", "train.epochs=3", "prune.kind=none"]), "--quiet", "--out", str(out))
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
-    assert report["clip"]["skipped_steps"] > 0
-    assert report["final"]["accuracy"] > 0.5  # the skipped steps did not poison the weights
+    assert 0 < report["clip"]["skipped_steps"] <= 3 * 4
+    weights = load_file(str(out / "model.safetensors"))
+    assert all(bool(torch.isfinite(t.float()).all()) for t in weights.values())
+    assert report["final"]["accuracy"] > 0.5  # chance is 0.1: the skipped steps did not poison the weights  # the skipped steps did not poison the weights
 
 
 def test_nonfinite_error_names_epoch_and_step_and_keeps_files(tmp_path: Path) -> None:

@@ -93,8 +93,10 @@ def _stratified(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tup
 def _standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
     """Scale every split by the training split's per-channel mean and std."""
     axes = tuple(i for i in range(train.ndim) if i != 1) if train.ndim == 4 else (0,)
-    mean = train.mean(axis=axes, keepdims=True)
-    std = train.std(axis=axes, keepdims=True) + 1e-6
+    # nan-aware: a few non-finite examples must not poison every example's scaling
+    finite = np.where(np.isfinite(train), train, np.nan)
+    mean = np.nanmean(finite, axis=axes, keepdims=True)
+    std = np.nanstd(finite, axis=axes, keepdims=True) + 1e-6
     return [((a - mean) / std).astype(np.float32) for a in (train, *others)]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -73,7 +74,8 @@ def grad_norm_png(log: clip.ClipLog) -> bytes:
         ax.axvline(s, color="black", lw=0.6, ls=":")
     if bad:
         ax.plot([], [], color="black", lw=0.6, ls=":", label=f"skipped non-finite ({len(bad)} steps)")
-    if norms and min(n for n in norms if n == n) > 0:
+    finite = [n for n in norms if math.isfinite(n)]
+    if finite and min(finite) > 0:
         ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("norm")

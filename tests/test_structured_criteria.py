@@ -11,12 +11,12 @@ from torch.nn import functional as F
 from secateurs.errors import SecateursError
 from secateurs.prune.structured_criteria import (
     GROUP_CRITERIA,
-    ActivationCriterion,
-    BNScaleCriterion,
-    GradientCriterion,
-    MagnitudeCriterion,
-    RandomCriterion,
-    TaylorCriterion,
+    GroupActivation,
+    GroupBNScale,
+    GroupGradient,
+    GroupMagnitude,
+    GroupRandom,
+    GroupTaylor,
     make_group_criterion,
 )
 from secateurs.prune.surgery import structured
@@ -53,13 +53,13 @@ def test_magnitude_is_the_squared_l2_norm_of_filter_and_input_column() -> None:
     net, group = tiny()
     w1, w2 = net[0].weight.detach(), net[2].weight.detach()
     expected = (w1**2).sum(1) + (w2**2).sum(0)
-    torch.testing.assert_close(MagnitudeCriterion()(group), expected.double())
+    torch.testing.assert_close(GroupMagnitude()(group), expected.double())
 
 
 def test_magnitude_p1_is_the_l1_norm() -> None:
     net, group = tiny()
     expected = net[0].weight.detach().abs().sum(1) + net[2].weight.detach().abs().sum(0)
-    torch.testing.assert_close(MagnitudeCriterion(p=1)(group), expected.double())
+    torch.testing.assert_close(GroupMagnitude(p=1)(group), expected.double())
 
 
 def test_gradient_is_the_mean_over_batches_of_summed_absolute_gradients() -> None:
@@ -69,7 +69,7 @@ def test_gradient_is_the_mean_over_batches_of_summed_absolute_gradients() -> Non
         net.zero_grad()
         F.cross_entropy(net(x), y).backward()
         expected += (net[0].weight.grad.abs().sum(1) + net[2].weight.grad.abs().sum(0)).double()
-    got = observe(GradientCriterion(), net, group, loss=True)
+    got = observe(GroupGradient(), net, group, loss=True)
     torch.testing.assert_close(got, expected / len(BATCHES))
 
 
@@ -82,7 +82,7 @@ def test_taylor_is_the_summed_absolute_weight_times_gradient_averaged_over_batch
         l1, l2 = net[0], net[2]
         saliency = (l1.weight * l1.weight.grad).abs().sum(1) + (l2.weight * l2.weight.grad).abs().sum(0)
         expected += saliency.detach().double()
-    got = observe(TaylorCriterion(), net, group, loss=True)
+    got = observe(GroupTaylor(), net, group, loss=True)
     torch.testing.assert_close(got, expected / len(BATCHES))
 
 
@@ -91,7 +91,7 @@ def test_activation_is_mean_absolute_input_times_the_weights_reading_it() -> Non
     with torch.no_grad():
         hidden = torch.cat([torch.relu(net[0](x)) for x, _ in BATCHES])
     expected = hidden.abs().mean(0).double() * net[2].weight.detach().abs().sum(0).double()
-    got = observe(ActivationCriterion(), net, group, loss=False)
+    got = observe(GroupActivation(), net, group, loss=False)
     torch.testing.assert_close(got, expected)
 
 
@@ -102,23 +102,23 @@ def test_bn_scale_is_the_absolute_batchnorm_weight() -> None:
         net[1].weight.copy_(torch.tensor([0.5, -2.0, 0.1, 1.0]))
     dg = tp.DependencyGraph().build_dependency(net, example_inputs=torch.zeros(1, 1, 6, 6))
     group = dg.get_pruning_group(net[0], tp.prune_conv_out_channels, [0, 1, 2, 3])
-    torch.testing.assert_close(BNScaleCriterion()(group), torch.tensor([0.5, 2.0, 0.1, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(GroupBNScale()(group), torch.tensor([0.5, 2.0, 0.1, 1.0], dtype=torch.float64))
 
 
 def test_bn_scale_cannot_score_a_group_without_normalisation() -> None:
     _, group = tiny()
-    assert BNScaleCriterion()(group) is None
+    assert GroupBNScale()(group) is None
 
 
 def test_random_is_reproducible_from_its_seed() -> None:
     _, group = tiny()
-    torch.testing.assert_close(RandomCriterion(seed=3)(group), RandomCriterion(seed=3)(group))
-    assert not torch.equal(RandomCriterion(seed=3)(group), RandomCriterion(seed=4)(group))
+    torch.testing.assert_close(GroupRandom(seed=3)(group), GroupRandom(seed=3)(group))
+    assert not torch.equal(GroupRandom(seed=3)(group), GroupRandom(seed=4)(group))
 
 
 def test_criteria_are_registered_by_name() -> None:
     assert set(GROUP_CRITERIA) == {"magnitude", "taylor", "gradient", "activation", "bn_scale", "random"}
-    assert isinstance(make_group_criterion("taylor"), TaylorCriterion)
+    assert isinstance(make_group_criterion("taylor"), GroupTaylor)
     with pytest.raises(SecateursError, match="criterion: got 'l2'"):
         make_group_criterion("l2")
 

@@ -15,7 +15,7 @@ batch, ``observe(groups)`` after each batch (after ``backward`` when ``needs_los
 >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
 >>> dg = tp.DependencyGraph().build_dependency(net, example_inputs=torch.zeros(1, 4))
 >>> group = dg.get_pruning_group(net[0], tp.prune_linear_out_channels, [0, 1, 2])
->>> MagnitudeCriterion()(group).shape
+>>> GroupMagnitude()(group).shape
 torch.Size([3])
 """
 
@@ -211,7 +211,7 @@ class GroupCriterion(tp.importance.Importance):
         raise NotImplementedError
 
 
-class MagnitudeCriterion(GroupCriterion):
+class GroupMagnitude(GroupCriterion):
     """Sum over the group of ``|w|^p`` of every weight a channel owns (``p=2`` by default).
 
     The group L2 norm squared of Torch-Pruning's ``MagnitudeImportance``: filters, input
@@ -232,7 +232,7 @@ class MagnitudeCriterion(GroupCriterion):
         return _scatter(group, score)
 
 
-class BNScaleCriterion(GroupCriterion):
+class GroupBNScale(GroupCriterion):
     """``|gamma|`` of the normalisation layers (BatchNorm, GroupNorm, LayerNorm) in the group.
 
     Network slimming (Liu et al. 2017). Groups without an affine normalisation layer cannot be
@@ -251,7 +251,7 @@ class BNScaleCriterion(GroupCriterion):
         return _scatter(group, score)
 
 
-class RandomCriterion(GroupCriterion):
+class GroupRandom(GroupCriterion):
     """Uniform random scores from a seeded generator: the baseline every criterion must beat."""
 
     name = "random"
@@ -297,7 +297,7 @@ class _BatchAverage(GroupCriterion):
         return self._sums[key] / self._counts[key]
 
 
-class GradientCriterion(_BatchAverage):
+class GroupGradient(_BatchAverage):
     """``sum |dL/dw|`` over the weights a channel owns, averaged over the scoring batches.
 
     The seeds' gradient-magnitude criterion lifted from weights to channels.
@@ -313,7 +313,7 @@ class GradientCriterion(_BatchAverage):
         return _scatter(group, score)
 
 
-class TaylorCriterion(_BatchAverage):
+class GroupTaylor(_BatchAverage):
     """``sum |w * dL/dw|`` over the weights a channel owns, averaged over the scoring batches.
 
     The first-order Taylor saliency of each weight (SNIP when scored at initialisation) summed
@@ -338,7 +338,7 @@ def _channel_mean_abs(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return x.detach().abs().movedim(dim, -1).reshape(-1, x.shape[dim]).to(torch.float64).mean(0).cpu()
 
 
-class ActivationCriterion(GroupCriterion):
+class GroupActivation(GroupCriterion):
     """``sum |activation x weight|``: mean ``|input|`` of a channel times the weights reading it.
 
     For every layer in the group that consumes the channel: ``E|x_c| * sum |W[:, c]|`` (the seeds'
@@ -409,12 +409,12 @@ def _accumulate(store: dict[nn.Module, list], module: nn.Module, value: torch.Te
 
 
 GROUP_CRITERIA: dict[str, Callable[[], GroupCriterion]] = {
-    "magnitude": MagnitudeCriterion,
-    "taylor": TaylorCriterion,
-    "gradient": GradientCriterion,
-    "activation": ActivationCriterion,
-    "bn_scale": BNScaleCriterion,
-    "random": RandomCriterion,
+    "magnitude": GroupMagnitude,
+    "taylor": GroupTaylor,
+    "gradient": GroupGradient,
+    "activation": GroupActivation,
+    "bn_scale": GroupBNScale,
+    "random": GroupRandom,
 }
 
 

@@ -39,12 +39,6 @@ def _unit_norms(stacked: Tensor, unit_ndim: int) -> Tensor:
     return torch.linalg.vector_norm(stacked.flatten(1), dim=1)
 
 
-def _stack(tensors: list[Tensor], index: list[int]) -> Tensor:
-    if len(index) == 1:
-        return tensors[index[0]].unsqueeze(0)
-    return torch.stack([tensors[i] for i in index])
-
-
 def _check_plain(grads: list[Tensor]) -> None:
     if any(is_dtensor(g) for g in grads):
         raise SecateursError(
@@ -102,12 +96,18 @@ def agc_apply_(params: list[Tensor], grads: list[Tensor], clipping: float, eps: 
         w_parts = []
         for index in chunk:
             ndim = grads[index[0]].dim()
-            w_parts.append(_unit_norms(_stack(params, index), ndim))
-            g_parts.append(_unit_norms(_stack(grads, index), ndim))
+            if len(index) == 1:  # a large tensor: reduce it where it lies
+                w_parts.append(_unit_norms(params[index[0]].unsqueeze(0), ndim))
+                g_parts.append(_unit_norms(grads[index[0]].unsqueeze(0), ndim))
+            else:  # small tensors: gradients and weights in one stack, one reduction
+                both = torch.stack([grads[i] for i in index] + [params[i] for i in index])
+                g, w = _unit_norms(both, ndim).chunk(2)
+                g_parts.append(g)
+                w_parts.append(w)
         g_units = g_parts[0] if len(g_parts) == 1 else torch.cat(g_parts)
         w_units = w_parts[0] if len(w_parts) == 1 else torch.cat(w_parts)
-        bound = torch.clamp(w_units, min=eps) * clipping
-        factor = torch.where(g_units < bound, 1.0, bound / torch.clamp(g_units, min=1e-6))
+        bound = w_units.clamp(min=eps).mul_(clipping)
+        factor = torch.where(g_units < bound, 1.0, bound / g_units.clamp(min=1e-6))
 
         targets: list[Tensor] = []
         factors: list[Tensor] = []

@@ -7,6 +7,10 @@ copy just before it runs (so clipping never compounds and caches start alike); t
 ratio is the median over rounds of the per-round ratio, which cancels slow drifts in machine
 load. Targets are from issue 3.
 
+On a machine shared with other jobs, two intra-op threads make wall time depend on how often a
+parallel kernel waits for its second thread to be scheduled (a cost per kernel, not per byte);
+``--threads 1 --clock cpu`` measures the kernels themselves and gives steadier ratios.
+
     PYTHONPATH=src python bench/clip.py [--rounds 25] [--threads 2] [--clock wall|cpu]
 """
 

@@ -16,8 +16,9 @@ class ClipStats:
 
     ``threshold`` is the total-norm level above which the rule clips on this step: ``max_norm``
     for :class:`~secateurs.clip.GlobalNorm`, the current percentile for AutoClip, the z-score
-    trigger for ZClip. Rules that bound parts of the gradient (``Norm``, ``AGC``, ``AdaGC``)
-    report the 2-norm of their per-part bounds, and ``Value`` its ``clip_value``.
+    trigger for ZClip. Rules that bound parts of the gradient report their bound: ``Norm`` its
+    per-tensor ``max_norm``, ``Value`` its element bound ``clip_value``, ``AGC`` and ``AdaGC``
+    the 2-norm of their per-unit / per-tensor bounds.
     """
 
     norm_before: Tensor

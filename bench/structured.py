@@ -88,12 +88,12 @@ def speed(model_name: str, ratio: float, threads: int, batch: int, runs: int, re
         prune_s = {"secateurs": f"{t_ours:.2f}", "torch-pruning": f"{t_tp:.2f}"}.get(name, "")
         print(f"| {name} | {macs[name] / 1e6:.1f}M | {count_params(m) / 1e6:.2f}M | "
               f"{macs['dense'] / macs[name]:.2f}x | {med[name]:.1f} ({iqr[name]:.1f}) | {med['dense'] / med[name]:.2f}x | {prune_s} |")
-    same = [p.shape for p in ours.parameters()] == [p.shape for p in theirs.parameters()]
+    same = all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values(), strict=True))
     rel = (med["dense"] / med["secateurs"]) / (med["dense"] / med["torch-pruning"])
     paired = statistics.median(t / o for t, o in zip(latency["torch-pruning"], latency["secateurs"], strict=True))
     print(f"\nsecateurs speedup / Torch-Pruning speedup = {rel:.3f} (target >= 0.95: "
           f"{'PASS' if rel >= 0.95 else 'FAIL'}); median of the per-cycle ratios, which cancels "
-          f"load shared by a cycle: {paired:.3f}; identical layer shapes: {same}\n")
+          f"load shared by a cycle: {paired:.3f}; identical pruned weights: {same}\n")
 
 
 # --------------------------------------------------------------------------------------------

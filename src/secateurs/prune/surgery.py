@@ -464,10 +464,11 @@ def structured(
     - ``ratio`` in (0, 1): the fraction of channels removed, relative to the original model.
       ``scope="layer"``: from every prunable group (as Torch-Pruning's ``pruning_ratio``);
       ``scope="global"``: across all groups together, ranked by scale-free importance
-      (each group's scores divided by their mean), no group losing more than
-      ``max_layer_ratio`` of its original channels.
+      (each group's scores divided by their mean). In both scopes no group loses more than
+      ``max_layer_ratio`` of its original channels, and every group keeps at least one.
     - ``target_macs`` in (0, 1): prune (with the chosen scope) until at most that fraction of
-      the original MACs remains, found by bisection on the ratio.
+      the original MACs (as :func:`secateurs.measure.count_macs` counts them) remains, found
+      by bisection on the ratio; whole heads are coarse, so attention models may land below.
 
     Both are cumulative across calls: a model returned by this function remembers its original
     size (:func:`pruning_record`), so ``structured(structured(m, x, ratio=0.25), x, ratio=0.5)``

@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - depends on the torch build
     _DTensor = None
 
 # numel at or below which tensors of equal shape are stacked into one kernel (see shape_groups)
-SMALL_NUMEL = 1 << 16
+SMALL_NUMEL = 1 << 14
 
 
 def as_list(params: Params) -> list[Tensor]:

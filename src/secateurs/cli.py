@@ -122,6 +122,89 @@ def inspect(file: Annotated[str, typer.Argument(help="a secateurs sparse checkpo
     Console().print(table)
 
 
+@app.command(epilog=_keys_epilog())
+@user_errors
+def sweep(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="output folder (default runs/sweep-<timestamp>); the same folder again resumes")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+    jobs: Annotated[int, typer.Option("--jobs", help="runs at once, each in its own process (give each train.threads=1 on a small machine)")] = 1,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="also log every run to OUT/tensorboard (needs the tensorboard package)")] = False,
+) -> None:
+    """Run the grid sweep.criteria x sweep.sparsities x sweep.seeds (x sweep.clip_methods).
+
+    Writes sweep.csv (one row per run), sweep.md (mean +- std per criterion and sparsity, dense
+    baseline) and tradeoff.png (accuracy vs compression). Run the same command again to resume:
+    finished runs are kept.
+    """
+    from secateurs.experiment import run as runner
+    from secateurs.experiment import sweep as sweeper
+    from secateurs.experiment.config import load_config
+
+    cfg = load_config(config, set_ or ())
+    out = out or Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S")
+    on_cell = None
+    if tensorboard:
+        from secateurs.experiment import tensorboard as tb
+
+        tb.require()
+
+        def on_cell(cell: Any, report: dict[str, Any], folder: Path) -> None:
+            hparams = {"criterion": cell.criterion, "sparsity": cell.sparsity, "seed": cell.seed, "clip": cell.clip or cell.config.clip.method}
+            tb.write_run(out / "tensorboard" / cell.name, report, hparams=hparams)
+
+    started = time.perf_counter()
+    try:
+        rows = sweeper.sweep(cfg, out, progress=not quiet, jobs=jobs, on_cell=on_cell)
+    except runner.Interrupted:
+        typer.echo(f"secateurs: interrupted; resume with: secateurs sweep {out}/sweep.toml --out {out}", err=True)
+        raise typer.Exit(130) from None
+    dense = sweeper.summarise(rows)["dense"]
+    baseline = ", ".join(f"{100 * s.mean:.2f}%" for s in dense.values())
+    typer.echo(f"{len(rows)} runs (dense accuracy {baseline}); {time.perf_counter() - started:.0f} s; wrote {out}/sweep.md, sweep.csv, tradeoff.png")
+
+
+@app.command(epilog=_keys_epilog())
+@user_errors
+def sensitivity(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="output folder (default runs/sensitivity-<timestamp>)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
+) -> None:
+    """Per-layer sensitivity curves and a search for per-layer sparsities.
+
+    Trains the dense model, prunes each layer alone at sensitivity.sparsities (sensitivity.png),
+    then searches per-layer sparsities reaching sensitivity.target (or, with
+    sensitivity.goal=highest, the highest sparsity within sensitivity.budget) on the validation
+    split. Writes per_layer.toml, a run config that `secateurs run` takes as it is.
+    """
+    from secateurs.experiment import run as runner
+    from secateurs.experiment import sensitivity as analysis
+    from secateurs.experiment.config import load_config
+
+    cfg = load_config(config, set_ or ())
+    out = out or Path("runs") / time.strftime("sensitivity-%Y%m%d-%H%M%S")
+    try:
+        result = analysis.analyse(cfg, out, progress=not quiet)
+    except runner.Interrupted:
+        typer.echo(f"secateurs: interrupted; resume with: secateurs sensitivity {out}/config.toml --out {out}", err=True)
+        raise typer.Exit(130) from None
+    d, found, uni, glo = result["dense"], result["search"], result["uniform"], result["global"]
+    typer.echo(
+        f"per-layer sparsities reach {100 * found['sparsity']:.1f}% overall; validation accuracy right after pruning: "
+        f"searched {100 * found['val_accuracy']:.1f}%, uniform layer-wise {100 * uni['val_accuracy']:.1f}%, "
+        f"global {100 * glo['val_accuracy']:.1f}% (dense {100 * d['val_accuracy']:.1f}%)"
+    )
+    if not result["within_budget"]:
+        typer.echo(
+            f"note: {100 * (d['val_accuracy'] - found['val_accuracy']):.1f} points below dense before fine-tuning, "
+            f"beyond sensitivity.budget={result['budget']}; fine-tuning in `secateurs run` recovers part of it"
+        )
+    typer.echo(f"wrote {out}/sensitivity.md, sensitivity.png, per_layer.toml; train with: secateurs run {out}/per_layer.toml")
+
+
 def main() -> None:
     """Console entry point (also ``python -m secateurs``)."""
     try:

@@ -111,20 +111,73 @@ class PruneConfig(_Section):
 
 
 class SweepConfig(_Section):
-    """The grid of ``secateurs sweep``."""
+    """The grid of ``secateurs sweep``: every criterion x sparsity x seed (x clipping rule) is a run."""
 
-    criteria: list[str] = Field(default_factory=lambda: ["magnitude", "gradient", "activation", "taylor", "random"], description="criteria to compare")
+    criteria: list[str] = Field(default_factory=lambda: ["magnitude", "gradient", "activation", "taylor", "random"], description="criteria to compare (each must suit prune.kind)")
     sparsities: list[float] = Field(default_factory=lambda: [0.5, 0.8, 0.9, 0.95, 0.98], description="target sparsities")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="run seeds")
-    clip_methods: list[str] = Field(default_factory=list, description="clipping rules to cross with the grid (empty: the base config's)")
+    clip_methods: list[str | dict[str, Any]] = Field(default_factory=list, description="clipping rules to cross with the grid: names, or inline tables such as {method = 'norm', max_norm = 1.0} (empty: the base config's)")
+
+    @field_validator("criteria", "sparsities", "seeds")
+    @classmethod
+    def _axis_is_a_distinct_non_empty_list(cls, value: list[Any]) -> list[Any]:
+        if not value:
+            raise ValueError("allowed: a non-empty list (every axis of the grid needs at least one value)")
+        if len(set(value)) != len(value):
+            raise ValueError("allowed: distinct values")
+        return value
+
+    @field_validator("sparsities")
+    @classmethod
+    def _sparsities_in_range(cls, value: list[float]) -> list[float]:
+        bad = [s for s in value if not 0 <= s < 1]
+        if bad:
+            raise ValueError(f"sparsity {bad[0]!r} is out of range; allowed: numbers in [0, 1)")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_non_negative(cls, value: list[int]) -> list[int]:
+        if any(s < 0 for s in value):
+            raise ValueError("allowed: integers >= 0")
+        return value
+
+    @field_validator("clip_methods")
+    @classmethod
+    def _clip_methods_build(cls, value: list[str | dict[str, Any]]) -> list[str | dict[str, Any]]:
+        from secateurs import clip
+
+        for item in value:
+            if isinstance(item, str):
+                continue  # checked against the base config's rule by the sweep (it may borrow its arguments)
+            params = dict(item)
+            method = params.pop("method", None)
+            if not isinstance(method, str):
+                raise ValueError(f"{item!r} names no method; allowed: a rule name or a table with 'method'")
+            try:
+                clip.build(method, **params)
+            except SecateursError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
 
 class SensitivityConfig(_Section):
-    """Per-layer sensitivity analysis and sparsity search."""
+    """Per-layer sensitivity analysis and the search for per-layer sparsities."""
 
     sparsities: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.98], description="sparsities at which each layer is probed")
-    target: float = Field(0.9, ge=0, lt=1, description="overall sparsity the search must reach")
-    budget: float = Field(0.01, ge=0, lt=1, description="validation accuracy the search may lose (fraction)")
+    goal: Literal["target", "highest"] = Field("target", description="reach sensitivity.target with the least validation loss, or the highest sparsity within the budget")
+    target: float = Field(0.9, gt=0, lt=1, description="overall sparsity the search must reach (goal = 'target')")
+    budget: float = Field(0.01, ge=0, lt=1, description="validation accuracy the pruned model may lose before fine-tuning (fraction)")
+
+    @field_validator("sparsities")
+    @classmethod
+    def _probe_sparsities(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("allowed: a non-empty list of numbers in (0, 1)")
+        bad = [s for s in value if not 0 < s < 1]
+        if bad:
+            raise ValueError(f"sparsity {bad[0]!r} is out of range; allowed: numbers in (0, 1)")
+        return sorted(set(value))
 
 
 class RunConfig(_Section):

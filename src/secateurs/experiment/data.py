@@ -165,27 +165,62 @@ def user_file(path: Path, cfg: DataConfig) -> Dataset:
     return _from_arrays(path.stem, x_train, a["y_train"].astype(np.int64), x_test, a["y_test"].astype(np.int64), cfg)
 
 
+TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "cifar-10-batches-py"}
+"""Where torchvision looks inside ``data_dir``: ``MNIST/raw``, ``FashionMNIST/raw`` (idx-ubyte
+files), ``cifar-10-batches-py`` (the official pickled batches)."""
+
+
+def _gunzip_idx_files(raw: Path) -> None:
+    """Unpack ``*.gz`` idx files in ``raw`` that have no unpacked twin yet.
+
+    torchvision reads only unpacked idx files unless it downloads, so files fetched by hand from
+    the official mirrors (gzipped) would be reported missing; they are unpacked in place instead.
+    """
+    import gzip
+    import shutil
+
+    if not raw.is_dir():
+        return
+    for packed in sorted(raw.glob("*-ubyte.gz")):
+        unpacked = packed.with_suffix("")
+        if not unpacked.exists():
+            tmp = unpacked.with_name(f".{unpacked.name}.tmp")
+            with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            tmp.replace(unpacked)
+
+
 def torchvision_dataset(name: str, cfg: DataConfig) -> Dataset:
-    """MNIST, Fashion-MNIST or CIFAR-10 from ``cfg.data_dir`` via torchvision; never a silent download."""
+    """MNIST, Fashion-MNIST or CIFAR-10 from ``cfg.data_dir`` via torchvision; never a silent download.
+
+    CIFAR-10's official files are Python pickles, which torchvision unpickles: point
+    ``data_dir`` only at files from a source you trust.
+    """
+    if not cfg.data_dir:
+        raise SecateursError(f"data.data_dir: got ''; allowed: the folder holding {TORCHVISION_FOLDERS[name]}/ (and data.download=true to fetch {name} into it)")
+    root = Path(cfg.data_dir)
+    if not root.is_dir() and not cfg.download:
+        raise SecateursError(f"data.data_dir: {str(root)!r} does not exist; allowed: an existing folder, or set data.download=true")
     try:
         from torchvision import datasets
     except ImportError:
         raise SecateursError(f"data.name: {name!r} needs torchvision; install the extra: pip install 'secateurs[vision]'") from None
-    if not cfg.data_dir:
-        raise SecateursError(f"data.data_dir: got ''; {name} needs a folder (and data.download=true to fetch it)")
-    root = Path(cfg.data_dir)
-    if not root.is_dir() and not cfg.download:
-        raise SecateursError(f"data.data_dir: {str(root)!r} does not exist; allowed: an existing folder, or set data.download=true")
     cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}[name]
+    if name != "cifar10":
+        try:
+            _gunzip_idx_files(root / TORCHVISION_FOLDERS[name] / "raw")
+        except (OSError, EOFError) as exc:
+            raise SecateursError(f"data.data_dir: a .gz file in {str(root / TORCHVISION_FOLDERS[name] / 'raw')!r} could not be unpacked ({exc})") from None
     try:
         train = cls(str(root), train=True, download=cfg.download)
         test = cls(str(root), train=False, download=cfg.download)
-    except RuntimeError as exc:
-        raise SecateursError(f"data.data_dir: {name} not found in {str(root)!r} ({exc}); set data.download=true to fetch it") from None
+    except (RuntimeError, OSError, ValueError) as exc:
+        hint = "" if cfg.download else "; set data.download=true to fetch it"
+        raise SecateursError(f"data.data_dir: {name} not found or unreadable in {str(root)!r} ({exc}){hint}") from None
 
     def arrays(ds: object) -> tuple[np.ndarray, np.ndarray]:
         x = np.asarray(ds.data, dtype=np.float32) / 255.0  # type: ignore[attr-defined]
-        x = x.transpose(0, 3, 1, 2) if x.ndim == 4 else x[:, None]
+        x = x.transpose(0, 3, 1, 2) if x.ndim == 4 else x[:, None]  # CIFAR is stored HWC
         return np.ascontiguousarray(x), np.asarray(ds.targets, dtype=np.int64)  # type: ignore[attr-defined]
 
     x_train, y_train = arrays(train)

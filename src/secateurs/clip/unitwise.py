@@ -30,6 +30,8 @@ from secateurs.errors import SecateursError
 
 # elements per chunk (16 MB of float32 gradients): few enough to stay in a server L3 cache
 CHUNK_NUMEL = 1 << 22
+# units per slice of per-unit arithmetic: under ATen's grain size (32768), so it runs serially
+SLICE_UNITS = 1 << 14
 
 
 def _unit_norms(stacked: Tensor, unit_ndim: int) -> Tensor:
@@ -78,6 +80,34 @@ def _chunks(groups: list[list[int]], tensors: list[Tensor]) -> list[list[list[in
     return chunks
 
 
+def _units(t: Tensor) -> int:
+    return t.shape[0] if t.dim() > 1 else 1
+
+
+def _factors(
+    g_units: Tensor, w_units: Tensor, clipping: float, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-unit factors, plus the squared sums (g, g * factor, bound) and "any clipped".
+
+    Runs over slices of at most ``SLICE_UNITS`` units so each small kernel stays under ATen's
+    grain size and runs serially: on a busy machine every parallel kernel can wait for its
+    second thread to be scheduled, which would cost more than the arithmetic.
+    """
+    factor = torch.empty_like(g_units)
+    sums: list[Tensor] = []
+    clipped: list[Tensor] = []
+    for lo in range(0, g_units.numel(), SLICE_UNITS):
+        g = g_units[lo : lo + SLICE_UNITS]
+        bound = w_units[lo : lo + SLICE_UNITS].clamp(min=eps).mul_(clipping)
+        f = factor[lo : lo + SLICE_UNITS]
+        torch.div(bound, g.clamp(min=1e-6), out=f)
+        f.masked_fill_(g < bound, 1.0)
+        sums.append(torch.stack([g.square().sum(), (g * f).square().sum(), bound.square().sum()]))
+        clipped.append((f < 1.0).any())
+    total = sums[0] if len(sums) == 1 else torch.stack(sums).sum(dim=0)
+    return factor, total, torch.stack(clipped).any()
+
+
 @torch.no_grad()
 def agc_apply_(params: list[Tensor], grads: list[Tensor], clipping: float, eps: float) -> AGCResult:
     """Clip ``grads`` (the gradients of ``params``, same order) unit-wise, in place.
@@ -88,15 +118,14 @@ def agc_apply_(params: list[Tensor], grads: list[Tensor], clipping: float, eps: 
     """
     _check_plain(grads)
     first = grads[0].device
-    g_all: list[Tensor] = []
-    f_all: list[Tensor] = []
-    b_all: list[Tensor] = []
+    sums: list[Tensor] = []  # squared sums of g, g * factor, bound, per piece
+    clipped: list[Tensor] = []
     for chunk in _chunks(shape_groups(grads), grads):
         g_parts = []
         w_parts = []
         for index in chunk:
             ndim = grads[index[0]].dim()
-            if len(index) == 1:  # a large tensor: reduce it where it lies
+            if len(index) == 1:  # one tensor: reduce it where it lies
                 w_parts.append(_unit_norms(params[index[0]].unsqueeze(0), ndim))
                 g_parts.append(_unit_norms(grads[index[0]].unsqueeze(0), ndim))
             else:  # small tensors: gradients and weights in one stack, one reduction
@@ -104,14 +133,21 @@ def agc_apply_(params: list[Tensor], grads: list[Tensor], clipping: float, eps: 
                 g, w = _unit_norms(both, ndim).chunk(2)
                 g_parts.append(g)
                 w_parts.append(w)
-        g_units = g_parts[0] if len(g_parts) == 1 else torch.cat(g_parts)
-        w_units = w_parts[0] if len(w_parts) == 1 else torch.cat(w_parts)
-        bound = w_units.clamp(min=eps).mul_(clipping)
-        factor = torch.where(g_units < bound, 1.0, bound / g_units.clamp(min=1e-6))
+        # per-unit arithmetic: the chunk's units together when few (one set of small serial
+        # kernels), part by part when many (no parallel cat of a long vector)
+        if len(g_parts) > 1 and sum(g.numel() for g in g_parts) <= SLICE_UNITS:
+            g_parts, w_parts = [torch.cat(g_parts)], [torch.cat(w_parts)]
+        pieces: list[Tensor] = []
+        for g, w in zip(g_parts, w_parts, strict=True):
+            factor, part_sums, part_clipped = _factors(g, w, clipping, eps)
+            pieces.append(factor)
+            sums.append(part_sums.float().to(first))
+            clipped.append(part_clipped.to(first))
+        if len(pieces) < len(chunk):
+            pieces = list(pieces[0].split([len(i) * _units(grads[i[0]]) for i in chunk]))
 
         targets: list[Tensor] = []
         factors: list[Tensor] = []
-        pieces = [factor] if len(chunk) == 1 else factor.split([p.numel() for p in g_parts])
         for index, f in zip(chunk, pieces, strict=True):
             shape = grads[index[0]].shape
             # [k, units, 1, ...] (or [k, 1] / [k] for 1-D / 0-d) so each slice broadcasts
@@ -124,15 +160,11 @@ def agc_apply_(params: list[Tensor], grads: list[Tensor], clipping: float, eps: 
         else:
             for t, f in zip(targets, factors, strict=True):
                 t.mul_(f)
-        g_all.append(g_units.to(first))
-        f_all.append(factor.to(first))
-        b_all.append(bound.to(first))
 
-    g_units = torch.cat(g_all)
-    factor = torch.cat(f_all)
+    norms = torch.stack(sums).sum(dim=0).sqrt()
     return AGCResult(
-        grad_norm=torch.linalg.vector_norm(g_units),
-        clipped_norm=torch.linalg.vector_norm(g_units * factor),
-        threshold=torch.linalg.vector_norm(torch.cat(b_all)),
-        clipped=(factor < 1.0).any(),
+        grad_norm=norms[0],
+        clipped_norm=norms[1],
+        threshold=norms[2],
+        clipped=torch.stack(clipped).any(),
     )

@@ -91,8 +91,9 @@ def run(
             typer.echo(f"secateurs: interrupted; resume with: secateurs run --resume {out}", err=True)
             raise typer.Exit(130) from None
     d, f = report["dense"], report["final"]
+    shrink = f"params {d['params']:,} -> {f['params']:,}" if f["params"] < d["params"] else f"sparsity {f['sparsity']:.3f}"
     typer.echo(
-        f"dense accuracy {d['accuracy']:.4f} -> final {f['accuracy']:.4f} at sparsity {f['sparsity']:.3f}; "
+        f"dense accuracy {d['accuracy']:.4f} -> final {f['accuracy']:.4f} at {shrink}; "
         f"checkpoint {d['checkpoint_bytes']:,} -> {f['checkpoint_bytes']:,} bytes; "
         f"{report['wall_seconds']:.1f} s; wrote {out}/"
     )

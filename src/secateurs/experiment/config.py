@@ -24,9 +24,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-STRUCTURED_CRITERIA = ("magnitude", "taylor", "gradient", "activation", "bn_scale", "random")
-
-
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -198,7 +195,7 @@ class RunConfig(_Section):
         from secateurs.experiment.models import MODELS
 
         clip.build(self.clip.method, **self.clip.params())
-        criteria = STRUCTURED_CRITERIA if self.prune.kind == "structured" else prune.CRITERIA
+        criteria = tuple(prune.GROUP_CRITERIA) if self.prune.kind == "structured" else prune.CRITERIA
         if self.prune.kind != "none" and self.prune.criterion not in criteria:
             raise SecateursError(f"prune.criterion: got {self.prune.criterion!r}; allowed: {', '.join(criteria)}")
         if ":" not in self.model.name and self.model.name not in MODELS:

@@ -172,10 +172,11 @@ def markdown(report: Mapping[str, Any]) -> str:
 
 
 def write_all(out: Path, report: Mapping[str, Any], log: clip.ClipLog, history: Sequence[Mapping[str, Any]]) -> None:
-    """Write report.json, report.md and both plots into ``out`` (each atomically)."""
+    """Write report.md, both plots, then report.json (each atomically): report.json marks a
+    finished run, so it is written last."""
     from secateurs.experiment import plots
 
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(out / "report.md", markdown(report))
     atomic_write_bytes(out / "accuracy.png", plots.accuracy_png(history))
     atomic_write_bytes(out / "grad_norm.png", plots.grad_norm_png(log))
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")

@@ -98,6 +98,7 @@ class Run:
     """One configured run writing into ``out``. Use :meth:`execute`."""
 
     def __init__(self, cfg: RunConfig, out: Path, *, progress: bool = True):
+        self._constructed = time.perf_counter()
         self.cfg = cfg
         self.out = out
         self.progress = progress
@@ -112,6 +113,7 @@ class Run:
         self.log = clip.ClipLog()
         self.pruner: prune.Pruner | None = None
         self.schedule: Any = None
+        self.structure_file: str | None = None  # structured runs: the shapes the model has now
         if cfg.prune.kind == "unstructured":
             self.pruner = prune.Pruner(
                 self.model,
@@ -135,6 +137,34 @@ class Run:
         if p.schedule == "iterative":
             return prune.schedules.Iterative(pruner, rounds=p.rounds, finetune_epochs=max(p.epochs // p.rounds, 1))
         return prune.schedules.AGP(pruner, start=0, end=max(p.epochs - 1, 0), frequency=1)
+
+    def _structured_round(self) -> int | None:
+        """The structured pruning round due at this prune-phase epoch, if any."""
+        p = self.cfg.prune
+        phase, local = _phase_at(self.plan, self.state.epoch)
+        every = max(p.epochs // p.rounds, 1)
+        if phase.name != "prune" or local % every or local // every >= p.rounds:
+            return None
+        return local // every
+
+    def _structured_tick(self) -> None:
+        """Remove the next cumulative fraction of channels, then restart the optimizer on the smaller model."""
+        r = self._structured_round()
+        if r is None:
+            return
+        p = self.cfg.prune
+        data = None
+        if p.criterion in ("taylor", "gradient", "activation"):
+            seed = _epoch_seed(self.cfg, self.state.epoch)
+            data = list(islice(batches(self.data.train, self.cfg.data.batch_size, seed=seed), p.score_batches))
+        self.model = prune.structured(
+            self.model, self.example, ratio=p.sparsity * (r + 1) / p.rounds, criterion=p.criterion,
+            scope=p.scope, ignore=tuple(p.exclude), batches=data, loss_fn=cross_entropy,
+        )
+        lr = self.optimizer.param_groups[0]["lr"]
+        state = self.optimizer.state_dict()["clip"]  # the clip rule and log carry on; moments restart
+        self.optimizer = self._make_optimizer(lr)
+        self.optimizer.load_state_dict({**self.optimizer.state_dict(), "clip": state})
 
     def _make_optimizer(self, lr: float) -> clip.ClippedOptimizer:
         t = self.cfg.train
@@ -166,12 +196,24 @@ class Run:
         }
 
     def save_checkpoint(self) -> None:
-        save_state(self.out / CHECKPOINT, self._checkpoint_tree())
+        """Write the epoch's state atomically; a structurally pruned model's shapes go in a side
+        file named by epoch, written first, so the checkpoint never points at a newer shape."""
+        previous = self.structure_file
+        if prune.pruning_record(self.model) is not None:
+            self.structure_file = f"structure-{self.state.epoch:04d}.safetensors"
+            prune.save_structured(self.model, self.out / self.structure_file)
+        save_state(self.out / CHECKPOINT, {**self._checkpoint_tree(), "structure_file": self.structure_file})
+        if previous and previous != self.structure_file:
+            (self.out / previous).unlink(missing_ok=True)
 
     def restore(self) -> None:
         """Load ``checkpoint.safetensors`` from ``out`` into this freshly built run."""
         tree = load_state(self.out / CHECKPOINT)
         try:
+            self.structure_file = tree.get("structure_file")
+            if self.structure_file:
+                prune.load_structured(self.out / self.structure_file, self.model)
+                self.optimizer = self._make_optimizer(self.cfg.train.lr)
             self.model.load_state_dict(tree["model"])
             if self.pruner is not None:
                 self.pruner.load_state_dict(tree["pruner"])
@@ -217,7 +259,7 @@ class Run:
         if resume:
             self.restore()
         total_epochs = sum(p.epochs for p in self.plan)
-        started = time.perf_counter()
+        started = self._constructed  # data loading and model building count too
         with _stop_on_sigint() as should_stop, reports.progress_bars(self.progress) as bars:
             bar = None
             while self.state.epoch < total_epochs:
@@ -231,6 +273,8 @@ class Run:
                 torch.manual_seed(_epoch_seed(self.cfg, self.state.epoch))
                 if phase.name == "prune" and self.schedule is not None:
                     self._prune_tick()
+                elif phase.name == "prune" and self.cfg.prune.kind == "structured":
+                    self._structured_tick()
                 data = batches(self.data.train, self.cfg.data.batch_size, seed=_epoch_seed(self.cfg, self.state.epoch), augment=self.cfg.data.augment)
 
                 def after_step() -> None:
@@ -267,7 +311,10 @@ class Run:
         else:
             targets = {}
         model_path = self.out / "model.safetensors"
-        prune.save(self.model, model_path)
+        if prune.pruning_record(self.model) is not None:
+            prune.save_structured(self.model, model_path)
+        else:
+            prune.save(self.model, model_path)
         report = reports.build_report(
             cfg=self.cfg,
             data=self.data,
@@ -282,7 +329,9 @@ class Run:
             history=self.state.history,
             wall_seconds=self.state.wall_seconds + tail_seconds,
         )
-        reports.write_all(self.out, report, self.log, self.state.history)
+        reports.write_all(self.out, report, self.log, self.state.history)  # report.json last: the run is done
+        if self.structure_file:
+            (self.out / self.structure_file).unlink(missing_ok=True)
         return report
 
 
@@ -306,5 +355,10 @@ def resume(out: Path, *, progress: bool = True) -> dict[str, Any]:
         raise SecateursError(f"--resume: {str(out)!r} holds no config.toml; allowed: the folder of an earlier run")
     if not (out / CHECKPOINT).is_file():
         raise SecateursError(f"--resume: {str(out)!r} holds no {CHECKPOINT}; the run ended before its first epoch")
+    if (out / "report.json").is_file():  # killed after the last file was written: nothing to redo
+        try:
+            return json.loads((out / "report.json").read_text())
+        except json.JSONDecodeError:
+            pass
     cfg = load_config(out / "config.toml")
     return Run(cfg, out, progress=progress).execute(resume=True)

@@ -74,4 +74,5 @@ def write_run(logdir: Path, report: Mapping[str, Any], *, hparams: Mapping[str, 
         for name, value in metrics.items():
             writer.add_scalar(name, value, global_step=last)
         if hparams is not None:
-            writer.add_hparams(dict(hparams), {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+            summary = {"accuracy": metrics["final/accuracy"], "compression_ratio": metrics["final/compression_ratio"], "sparsity": metrics["final/sparsity"]}
+            writer.add_hparams(dict(hparams), {f"hparam/{k}": v for k, v in summary.items()}, run_name=".")

@@ -36,9 +36,13 @@ from secateurs.prune.masks import PRUNABLE_MODULES, Target, apply_masks_, find_t
 from secateurs.prune.pruner import SCOPES, Pruner
 from secateurs.prune.report import LayerSparsity, SparsityReport, sparsity_report
 from secateurs.prune.schedules import SCHEDULES
+from secateurs.prune.structured_criteria import GROUP_CRITERIA
+from secateurs.prune.structured_io import load_structured, save_structured
+from secateurs.prune.surgery import pruning_record, structured
 
 __all__ = [
     "CRITERIA",
+    "GROUP_CRITERIA",
     "PRUNABLE_MODULES",
     "SCHEDULES",
     "SCOPES",
@@ -51,11 +55,15 @@ __all__ = [
     "find_targets",
     "inspect_checkpoint",
     "load",
+    "load_structured",
     "make_criterion",
+    "pruning_record",
     "read_checkpoint",
     "read_metadata",
     "register",
     "save",
+    "save_structured",
     "schedules",
     "sparsity_report",
+    "structured",
 ]

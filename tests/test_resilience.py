@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from conftest import QUICK_RUN, assert_same_tensors
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 

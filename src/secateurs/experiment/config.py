@@ -57,7 +57,7 @@ class TrainConfig(_Section):
     momentum: float = Field(0.9, ge=0, lt=1, description="momentum (sgd, rmsprop)")
     weight_decay: float = Field(1e-4, ge=0, description="weight decay")
     nonfinite: Literal["skip", "error", "ignore"] = Field("skip", description="what a step with NaN/Inf gradients does")
-    threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
+    threads: int = Field(1, ge=0, description="torch CPU threads; 1 is fastest for the small built-in models (0: torch's default)")
 
 
 class ClipConfig(_Section):

@@ -121,3 +121,12 @@ def test_cli_help_lists_config_keys() -> None:
     assert result.returncode == 0
     for key in ("prune.sparsity", "clip.method", "train.epochs", "data.name"):
         assert key in result.stdout
+
+
+def test_clipping_decides_the_sequence_example(tmp_path: Path) -> None:
+    example = Path(__file__).parent.parent / "examples" / "sequence-clip.toml"
+    clipped = start(load_config(example), tmp_path / "clip", progress=False)
+    unclipped = start(load_config(example, ["clip.method=none"]), tmp_path / "none", progress=False)
+    assert clipped["clip"]["clipped_steps"] > 0
+    assert unclipped["final"]["accuracy"] < 0.4  # chance is 0.25: the exploding RNN does not learn
+    assert clipped["final"]["accuracy"] > 0.85

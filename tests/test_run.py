@@ -130,3 +130,11 @@ def test_clipping_decides_the_sequence_example(tmp_path: Path) -> None:
     assert clipped["clip"]["clipped_steps"] > 0
     assert unclipped["final"]["accuracy"] < 0.4  # chance is 0.25: the exploding RNN does not learn
     assert clipped["final"]["accuracy"] > 0.85
+
+
+def test_default_job_meets_its_bar(tmp_path: Path) -> None:
+    report = start(load_config(), tmp_path / "default", progress=False)
+    assert report["dense"]["accuracy"] >= 0.97
+    assert report["final"]["accuracy"] >= 0.95
+    assert report["final"]["sparsity"] >= 0.89
+    assert report["final"]["checkpoint_bytes"] <= 0.25 * report["dense"]["checkpoint_bytes"]

@@ -4,6 +4,12 @@ A run is a sequence of epochs in three phases (dense, prune, finetune). After ev
 whole state (model, optimizer, pruner and schedule, clip rule and log, history, RNG) is written
 atomically to ``checkpoint.safetensors``, so ``secateurs run --resume DIR`` continues a run that
 was killed at any moment and ends with the same weights and report, bit for bit on CPU.
+
+Under ``torchrun --nproc-per-node N`` every rank runs this same loop on its shard of each
+epoch's batches (``data.batch_size`` stays the global batch, split evenly over the ranks) with
+the model in DDP; see :mod:`~secateurs.experiment.distributed`. Every rank evaluates the whole
+validation and test splits, checks after each pruning step that all ranks hold the same masks,
+and reads the same checkpoint on resume; only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from safetensors.torch import save as st_save
 
 from secateurs import clip, prune
 from secateurs.errors import SecateursError
-from secateurs.experiment import reports
+from secateurs.experiment import distributed, reports
 from secateurs.experiment.config import RunConfig, to_toml
 from secateurs.experiment.data import Dataset, batches, load_dataset
 from secateurs.experiment.models import build_model
@@ -75,6 +81,17 @@ def _epoch_seed(cfg: RunConfig, epoch: int) -> int:
     return cfg.seed * 1_000_003 + epoch
 
 
+def _checked_world_size(cfg: RunConfig) -> int:
+    """The number of ranks, which must divide the batch size (the global batch)."""
+    world = distributed.world_size()
+    if cfg.data.batch_size % world:
+        raise SecateursError(
+            f"data.batch_size: got {cfg.data.batch_size}; allowed: a multiple of the world size "
+            f"{world} (it is the global batch, split evenly over the ranks)"
+        )
+    return world
+
+
 @contextmanager
 def _stop_on_sigint() -> Iterator[Callable[[], bool]]:
     """Turn Ctrl-C into a flag the loop reads after each step (main thread only)."""
@@ -101,8 +118,9 @@ class Run:
         self._constructed = time.perf_counter()
         self.cfg = cfg
         self.out = out
-        self.progress = progress
+        self.progress = progress and distributed.is_main()
         self.plan = phases(cfg)
+        self.world_size = _checked_world_size(cfg)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.data: Dataset = load_dataset(cfg.data)
@@ -127,6 +145,7 @@ class Run:
             self.schedule = self._make_schedule(self.pruner)
         self.optimizer = self._make_optimizer(cfg.train.lr)
         self.state = RunState()
+        self._ddp: torch.nn.Module | None = None  # self.model in DDP; rebuilt when the model changes
 
     # --- construction -------------------------------------------------------------------------
 
@@ -155,6 +174,7 @@ class Run:
         p = self.cfg.prune
         data = None
         if p.criterion in ("taylor", "gradient", "activation"):
+            # unsharded: every rank scores the same batches, so every rank removes the same channels
             seed = _epoch_seed(self.cfg, self.state.epoch)
             data = list(islice(batches(self.data.train, self.cfg.data.batch_size, seed=seed), p.score_batches))
         self.model = prune.structured(
@@ -165,6 +185,10 @@ class Run:
         state = self.optimizer.state_dict()["clip"]  # the clip rule and log carry on; moments restart
         self.optimizer = self._make_optimizer(lr)
         self.optimizer.load_state_dict({**self.optimizer.state_dict(), "clip": state})
+        self._ddp = None
+        if self.world_size > 1:
+            shapes = {name: torch.tensor(p.shape) for name, p in self.model.named_parameters()}
+            distributed.check_same_on_every_rank(f"structured round {r + 1}: layer shapes", distributed.checksum(shapes))
 
     def _make_optimizer(self, lr: float) -> clip.ClippedOptimizer:
         t = self.cfg.train
@@ -179,6 +203,20 @@ class Run:
         if phase.name == "prune":
             return base
         return base * 0.5 * (1 + math.cos(math.pi * local_epoch / phase.epochs))
+
+    def _batches(self, seed: int, **kwargs: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's share of the epoch's training batches (all of them in one process)."""
+        return batches(
+            self.data.train, self.cfg.data.batch_size // self.world_size, seed=seed,
+            rank=distributed.rank(), world_size=self.world_size, **kwargs,
+        )
+
+    def _trained_model(self) -> torch.nn.Module:
+        """The model as the training loop runs it: in DDP under torchrun, so gradients are
+        averaged over ranks before the clip rule sees them."""
+        if self._ddp is None:
+            self._ddp = distributed.wrap_ddp(self.model)
+        return self._ddp
 
     # --- checkpointing -------------------------------------------------------------------------
 
@@ -197,7 +235,10 @@ class Run:
 
     def save_checkpoint(self) -> None:
         """Write the epoch's state atomically; a structurally pruned model's shapes go in a side
-        file named by epoch, written first, so the checkpoint never points at a newer shape."""
+        file named by epoch, written first, so the checkpoint never points at a newer shape.
+        Rank 0 writes; every rank resumes from that one file."""
+        if not distributed.is_main():
+            return
         previous = self.structure_file
         if prune.pruning_record(self.model) is not None:
             self.structure_file = f"structure-{self.state.epoch:04d}.safetensors"
@@ -222,6 +263,7 @@ class Run:
             self.optimizer.load_state_dict(tree["optimizer"])
             torch.set_rng_state(tree["rng"])
             self.state = RunState(int(tree["epoch"]), list(tree["history"]), json.loads(tree["report"]), float(tree["wall_seconds"]))
+            self._ddp = None
         except (KeyError, RuntimeError, TypeError, ValueError) as exc:
             raise SecateursError(f"--resume: {str(self.out / CHECKPOINT)!r} does not match this run's config ({type(exc).__name__}: {exc})") from None
 
@@ -239,13 +281,17 @@ class Run:
         assert self.schedule is not None and self.pruner is not None
         if self.schedule.prunes_next() and self.pruner.requires_data:
             n = self.cfg.prune.score_batches
-            data = islice(batches(self.data.train, self.cfg.data.batch_size, seed=_epoch_seed(self.cfg, self.state.epoch)), n)
-            self.pruner.score(data, cross_entropy)
+            data = islice(self._batches(_epoch_seed(self.cfg, self.state.epoch)), n)
+            self.pruner.score(data, cross_entropy)  # all-reduced over ranks under torchrun
         self.schedule.step()
+        if self.world_size > 1:
+            where = f"masks after the pruning step of epoch {self.state.epoch + 1}"
+            distributed.check_same_on_every_rank(where, distributed.checksum(self.pruner.masks))
 
     def _dense_metrics(self) -> dict[str, Any]:
         dense_bytes = st_save({k: v.contiguous() for k, v in self.model.state_dict().items()})
-        atomic_write_bytes(self.out / "dense.safetensors", dense_bytes)
+        if distributed.is_main():
+            atomic_write_bytes(self.out / "dense.safetensors", dense_bytes)
         return {
             "accuracy": accuracy(self.model, self.data.test),
             "val_accuracy": accuracy(self.model, self.data.val),
@@ -275,14 +321,14 @@ class Run:
                     self._prune_tick()
                 elif phase.name == "prune" and self.cfg.prune.kind == "structured":
                     self._structured_tick()
-                data = batches(self.data.train, self.cfg.data.batch_size, seed=_epoch_seed(self.cfg, self.state.epoch), augment=self.cfg.data.augment)
+                data = self._batches(_epoch_seed(self.cfg, self.state.epoch), augment=self.cfg.data.augment)
 
                 def after_step() -> None:
-                    if should_stop():
+                    if distributed.any_rank(should_stop()):  # every rank stops after the same step
                         raise Interrupted
 
                 try:
-                    loss = train_epoch(self.model, self.optimizer, data, on_step=after_step)
+                    loss = distributed.all_mean(train_epoch(self._trained_model(), self.optimizer, data, on_step=after_step))
                 except Interrupted:
                     self.state.wall_seconds += time.perf_counter() - started
                     raise
@@ -311,10 +357,12 @@ class Run:
         else:
             targets = {}
         model_path = self.out / "model.safetensors"
-        if prune.pruning_record(self.model) is not None:
-            prune.save_structured(self.model, model_path)
-        else:
-            prune.save(self.model, model_path)
+        if distributed.is_main():
+            if prune.pruning_record(self.model) is not None:
+                prune.save_structured(self.model, model_path)
+            else:
+                prune.save(self.model, model_path)
+        distributed.barrier()  # every rank reports the size of rank 0's file
         report = reports.build_report(
             cfg=self.cfg,
             data=self.data,
@@ -328,23 +376,32 @@ class Run:
             log=self.log,
             history=self.state.history,
             wall_seconds=self.state.wall_seconds + tail_seconds,
+            world_size=self.world_size,
         )
-        reports.write_all(self.out, report, self.log, self.state.history)  # report.json last: the run is done
-        if self.structure_file:
-            (self.out / self.structure_file).unlink(missing_ok=True)
+        if distributed.is_main():
+            reports.write_all(self.out, report, self.log, self.state.history)  # report.json last: the run is done
+            if self.structure_file:
+                (self.out / self.structure_file).unlink(missing_ok=True)
         return report
 
 
 def start(cfg: RunConfig, out: Path, *, progress: bool = True) -> dict[str, Any]:
-    """A new run: create ``out`` (it must be empty or absent), write the config, execute."""
-    if out.exists() and any(out.iterdir()):
-        raise SecateursError(f"--out: {str(out)!r} is not empty; allowed: a new or empty folder (or --resume {out})")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.toml", to_toml(cfg))
-    except OSError as exc:
-        raise SecateursError(f"--out: cannot write to {str(out)!r} ({exc.strerror})") from None
-    return Run(cfg, out, progress=progress).execute()
+    """A new run: create ``out`` (it must be empty or absent), write the config, execute.
+
+    Under ``torchrun`` every rank calls this; they join one process group for the run.
+    """
+    with distributed.process_group():
+        _checked_world_size(cfg)
+        if out.exists() and any(out.iterdir()):
+            raise SecateursError(f"--out: {str(out)!r} is not empty; allowed: a new or empty folder (or --resume {out})")
+        distributed.barrier()  # every rank has looked before rank 0 writes
+        if distributed.is_main():
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(out / "config.toml", to_toml(cfg))
+            except OSError as exc:
+                raise SecateursError(f"--out: cannot write to {str(out)!r} ({exc.strerror})") from None
+        return Run(cfg, out, progress=progress).execute()
 
 
 def resume(out: Path, *, progress: bool = True) -> dict[str, Any]:
@@ -361,4 +418,5 @@ def resume(out: Path, *, progress: bool = True) -> dict[str, Any]:
         except json.JSONDecodeError:
             pass
     cfg = load_config(out / "config.toml")
-    return Run(cfg, out, progress=progress).execute(resume=True)
+    with distributed.process_group():
+        return Run(cfg, out, progress=progress).execute(resume=True)

@@ -139,6 +139,12 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (an FSDP2 shard) gathered into the whole tensor; other tensors unchanged."""
+    full_tensor = getattr(t, "full_tensor", None)
+    return full_tensor() if full_tensor is not None else t
+
+
 def _all_reduce_sum(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Sum of each tensor over all ranks, with one collective (returns new tensors)."""
     if _world() == 1:
@@ -163,10 +169,19 @@ class MagnitudeCriterion(Criterion):
         if p not in (1, 2):
             raise SecateursError(f"criterion.p: got {p!r}; allowed: 1 (L1) or 2 (L2)")
         self.p = p
+        self._weights: list[torch.Tensor] = []
+
+    def prepare(self, masks: Sequence[torch.Tensor]) -> None:
+        # a weight sharded by FSDP2 is a DTensor: gather it once per selection, not per chunk
+        self._weights = [_whole(t.param.detach()) for t in self.targets]
 
     def chunk(self, index: int, start: int, stop: int) -> torch.Tensor:
-        weight = self.targets[index].param.detach().reshape(-1)[start:stop]
+        weight = self._weights[index] if self._weights else self.targets[index].param.detach()
+        weight = weight.reshape(-1)[start:stop]
         return weight.abs() if self.p == 1 else weight.square()
+
+    def release(self) -> None:
+        self._weights = []
 
     def options(self) -> dict[str, Any]:
         return {"p": self.p}

@@ -18,6 +18,12 @@ from torch import nn
 
 from secateurs.errors import SecateursError
 
+try:  # torch.distributed can be missing from custom builds
+    from torch.distributed.tensor import DTensor as _DTensor
+    from torch.distributed.tensor import distribute_tensor
+except ImportError:  # pragma: no cover - depends on the torch build
+    _DTensor = None
+
 __all__ = [
     "PRUNABLE_MODULES",
     "Target",
@@ -201,6 +207,19 @@ def _mask_on(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask if mask.device == like.device else mask.to(like.device)
 
 
+def _local_pair(mask: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask, like)`` as plain tensors to combine in place.
+
+    Masks are whole (global shape) on every rank; a DTensor ``like`` (a parameter sharded by
+    FSDP2's ``fully_shard``, its gradient or optimizer state) is paired with the slice of the
+    mask its local shard holds, cut locally with no communication.
+    """
+    if _DTensor is None or not isinstance(like, _DTensor):
+        return _mask_on(mask, like), like
+    local = distribute_tensor(_mask_on(mask, like), like.device_mesh, like.placements, src_data_rank=None)
+    return local.to_local(), like.to_local()
+
+
 @torch.no_grad()
 def apply_masks_(params: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> None:
     """Zero ``params`` in place where ``masks`` is False (the zeros are +0.0, never -0.0).
@@ -211,7 +230,8 @@ def apply_masks_(params: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) 
     """
     for param, mask in zip(params, masks, strict=True):
         data = param.data if isinstance(param, nn.Parameter) else param
-        torch.where(_mask_on(mask, data), data, _zero(data), out=data)
+        mask, data = _local_pair(mask, data)
+        torch.where(mask, data, _zero(data), out=data)
 
 
 @torch.no_grad()
@@ -220,7 +240,8 @@ def mask_grads_(params: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -
     for param, mask in zip(params, masks, strict=True):
         grad = param.grad
         if grad is not None and grad.layout == torch.strided and grad.shape == mask.shape:
-            torch.where(_mask_on(mask, grad), grad, _zero(grad), out=grad)
+            mask, grad = _local_pair(mask, grad)
+            torch.where(mask, grad, _zero(grad), out=grad)
 
 
 @torch.no_grad()
@@ -238,4 +259,5 @@ def mask_optimizer_state_(
             continue
         for value in state.values():
             if isinstance(value, torch.Tensor) and value.shape == mask.shape and value.is_floating_point():
-                torch.where(_mask_on(mask, value), value, _zero(value), out=value)
+                local_mask, local_value = _local_pair(mask, value)
+                torch.where(local_mask, local_value, _zero(local_value), out=local_value)

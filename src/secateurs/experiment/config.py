@@ -211,7 +211,7 @@ def _format_error(exc: ValidationError, data: Mapping[str, Any]) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     if not err["loc"]:  # a model validator: its message already names the field
         return msg
-    loc = ".".join(str(p) for p in err["loc"])
+    loc = ".".join(str(p) if str(p).isprintable() and str(p) else repr(p) for p in err["loc"])
     value: Any = data
     for part in err["loc"]:
         value = value.get(part, None) if isinstance(value, Mapping) else None

@@ -129,3 +129,10 @@ def test_empty_probe_list_is_refused() -> None:
     with pytest.raises(SecateursError, match=r"sensitivity.sparsities: got \[\]"):
         load_config(overrides=["sensitivity.sparsities=[]"])
 
+
+
+@pytest.mark.slow
+def test_folder_with_a_dense_model_of_another_config_is_refused(analysed: Path) -> None:
+    result = CliRunner().invoke(app, ["sensitivity", "--set", "model.name=mlp", *[a for o in DENSE for a in ("--set", o)], "--quiet", "--out", str(analysed)])
+    assert result.exit_code == 2
+    assert "holds a finished run of another config" in result.stderr and len(result.stderr.strip().splitlines()) == 1

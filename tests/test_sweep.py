@@ -12,16 +12,20 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import QUICK_RUN, assert_same_tensors
+from conftest import assert_same_tensors
 from typer.testing import CliRunner
 
 from secateurs.cli import app
 from secateurs.errors import SecateursError
 from secateurs.experiment import sweep as sweeper
-from secateurs.experiment.config import load_config
+from secateurs.experiment.config import load_config, to_toml
 from secateurs.experiment.run import start
 
-TINY = [*QUICK_RUN, "train.threads=1", 'sweep.criteria=["magnitude","random"]', "sweep.sparsities=[0.8]", "sweep.seeds=[0]"]
+# Smaller than conftest.QUICK_RUN: these tests run whole sweeps, some of them twice.
+TINY = [
+    "train.epochs=2", "prune.epochs=2", "prune.finetune_epochs=1", "data.limit=300", "train.threads=1",
+    'sweep.criteria=["magnitude","random"]', "sweep.sparsities=[0.8]", "sweep.seeds=[0]",
+]
 TIMING = ("latency_ms", "wall_seconds")
 
 
@@ -44,7 +48,17 @@ def test_plan_is_every_criterion_sparsity_and_seed_seed_by_seed() -> None:
     assert len(cells) == 8 and {c.seed for c in cells[4:]} == {4}
     for cell in cells:
         assert (cell.config.prune.criterion, cell.config.prune.sparsity, cell.config.seed) == (cell.criterion, cell.sparsity, cell.seed)
-        assert cell.config.model_dump(exclude={"seed", "prune"}) == cfg.model_dump(exclude={"seed", "prune"})
+        assert cell.config.model_dump(exclude={"seed", "prune", "sweep"}) == cfg.model_dump(exclude={"seed", "prune", "sweep"})
+
+
+def test_a_cell_config_does_not_depend_on_the_rest_of_the_grid() -> None:
+    """Growing the grid later must leave finished cells (and their config.toml) valid."""
+    small = sweeper.plan(load_config(overrides=["sweep.sparsities=[0.8]", "sweep.seeds=[0]"]))
+    large = sweeper.plan(load_config(overrides=["sweep.sparsities=[0.8, 0.5]", "sweep.seeds=[0, 1]"]))
+    by_name = {c.name: c for c in large}
+    for cell in small:
+        assert to_toml(cell.config) == to_toml(by_name[cell.name].config)
+    assert to_toml(sweeper.dense_config(small[0])) == to_toml(sweeper.dense_config(by_name["random-s0.5-seed0"]))
 
 
 def test_clip_methods_cross_the_grid_and_borrow_the_base_arguments() -> None:

@@ -186,8 +186,8 @@ def search(probe: Probe, *, goal: str, target: float, budget: float, ladder: Seq
 def dense_config(cfg: RunConfig) -> RunConfig:
     """The dense-only run the analysis starts from."""
     data = cfg.model_dump(mode="json")
-    data["prune"] = {**data["prune"], "kind": "none"}
-    return validate(data)
+    # only what shapes dense training: another search in the same folder reuses the dense run
+    return validate({**data, "prune": {"kind": "none"}, "sweep": {}, "sensitivity": {}})
 
 
 def per_layer_config(cfg: RunConfig, alloc: Mapping[str, float], sparsity: float) -> RunConfig:

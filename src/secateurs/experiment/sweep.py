@@ -6,7 +6,7 @@ and the dense model it started from.
 
 The output folder::
 
-    OUT/sweep.toml                       the base config the grid varies; a rerun must match it
+    OUT/sweep.toml                       the base config; a rerun must match it but for the grid
     OUT/dense/seed0/                     dense training, once per seed (and clipping rule)
     OUT/cells/magnitude-s0.9-seed0/      one ordinary run folder per cell (report.json, ...)
     OUT/sweep.csv, sweep.md, tradeoff.png
@@ -18,7 +18,8 @@ the cell ends with the same weights, bit for bit, as ``secateurs run`` of the ce
 
 Rerunning the same command resumes: a cell whose folder holds ``report.json`` is finished and is
 not run again; a cell with a checkpoint continues from it; anything else in a cell folder is
-cleared and the cell starts again.
+cleared and the cell starts again. ``jobs`` > 1 runs cells in worker processes, with the same
+results.
 """
 
 from __future__ import annotations
@@ -114,7 +115,9 @@ def plan(base: RunConfig) -> list[Cell]:
         for seed in base.sweep.seeds:
             for criterion in base.sweep.criteria:
                 for sparsity in base.sweep.sparsities:
-                    cell = {**data, "seed": seed, "clip": clip_section}
+                    # sweep and sensitivity sections left at their defaults: a cell's config
+                    # (and so its folder's config.toml) does not change when the grid grows
+                    cell = {**data, "seed": seed, "clip": clip_section, "sweep": {}, "sensitivity": {}}
                     cell["prune"] = {**data["prune"], "criterion": criterion, "sparsity": sparsity}
                     try:
                         cfg = validate(cell)
@@ -127,7 +130,7 @@ def plan(base: RunConfig) -> list[Cell]:
 def dense_config(cell: Cell) -> RunConfig:
     """The dense-only run (``prune.kind = 'none'``) whose training every cell like ``cell`` shares."""
     data = cell.config.model_dump(mode="json")
-    data["prune"] = {**data["prune"], "kind": "none"}
+    data["prune"] = {"kind": "none"}  # nothing else in the section touches dense training
     return validate(data)
 
 
@@ -183,12 +186,15 @@ def _resumable(cfg: RunConfig, folder: Path, progress: bool) -> runner.Run | Non
 def run_cell(cfg: RunConfig, folder: Path, *, dense: Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Finish the run of ``cfg`` in ``folder`` and return its report.
 
-    A finished folder is read, not run; a folder with a checkpoint of this config resumes; any
+    A finished folder of the same config is read, not run (of another config: an error); a folder with a checkpoint of this config resumes; any
     other content is removed first. ``dense`` is the folder of a finished dense-only run of the
     same seed, data, model, training and clipping: the cell then starts after its dense phase.
     """
     report = _finished(folder)
     if report is not None:
+        config_file = folder / "config.toml"
+        if config_file.is_file() and config_file.read_text(encoding="utf-8") != to_toml(cfg):
+            raise SecateursError(f"--out: {str(folder)!r} holds a finished run of another config; allowed: remove that folder, or a new --out")
         return report
     run = _resumable(cfg, folder, progress)
     if run is not None:

@@ -216,12 +216,17 @@ def test_torchrun_run_reports_world_size_2_and_the_single_process_accuracy(tmp_p
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
 
 
-def _resume_worker(rank: int, world: int, port: int, out: str, overrides: list[str]) -> None:
+RESUMED_RUN = [*QUICK_RUN, "train.threads=1", "prune.criterion=gradient"]
+STRUCTURED_RUN = [*QUICK_RUN, "train.threads=1", "prune.kind=structured", "prune.sparsity=0.5", "prune.criterion=taylor"]
+
+
+def _runs_worker(rank: int, world: int, port: int, out: str) -> None:
+    """A run, the same run killed after a checkpoint and resumed, and a structured run."""
     from secateurs.experiment import run
 
     join(rank, world, port)
     try:
-        cfg = load_config(overrides=overrides)
+        cfg = load_config(overrides=RESUMED_RUN)
         whole = run.start(cfg, Path(out) / "whole", progress=False)
 
         original = run.Run.save_checkpoint
@@ -239,20 +244,37 @@ def _resume_worker(rank: int, world: int, port: int, out: str, overrides: list[s
         finally:
             run.Run.save_checkpoint = original  # type: ignore[method-assign]
         resumed = run.resume(Path(out) / "resumed", progress=False)
-        torch.save({"whole": whole, "resumed": resumed}, os.path.join(out, f"rank{rank}.pt"))
+        structured = run.start(load_config(overrides=STRUCTURED_RUN), Path(out) / "structured", progress=False)
+        result = {"whole": whole, "resumed": resumed, "structured": structured}
+        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("runs")
+    return out, spawn(_runs_worker, out)
+
+
 @pytest.mark.slow
-def test_a_two_rank_run_resumes_from_rank_0s_checkpoint_bit_for_bit(tmp_path: Path) -> None:
-    overrides = [*QUICK_RUN, "train.threads=1", "prune.criterion=gradient"]
-    ranks = spawn(_resume_worker, tmp_path, overrides)
-    assert_same_tensors(tmp_path / "whole" / "model.safetensors", tmp_path / "resumed" / "model.safetensors")
+def test_a_two_rank_run_resumes_from_rank_0s_checkpoint_bit_for_bit(two_rank_runs: tuple[Path, list[dict]]) -> None:
+    out, ranks = two_rank_runs
+    assert_same_tensors(out / "whole" / "model.safetensors", out / "resumed" / "model.safetensors")
     for r in ranks:
         assert r["resumed"]["history"] == ranks[0]["whole"]["history"]
         assert _without_latency(r["resumed"]["final"]) == _without_latency(ranks[0]["whole"]["final"])
-    assert json.loads((tmp_path / "resumed" / "report.json").read_text())["world_size"] == 2
+    assert json.loads((out / "resumed" / "report.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_a_two_rank_structured_run_removes_the_same_channels_on_both_ranks(two_rank_runs: tuple[Path, list[dict]]) -> None:
+    out, ranks = two_rank_runs
+    first, second = (r["structured"] for r in ranks)
+    assert first["history"] == second["history"]
+    assert _without_latency(first["final"]) == _without_latency(second["final"])
+    assert first["final"]["params"] < 0.5 * first["dense"]["params"]
+    assert json.loads((out / "structured" / "report.json").read_text())["world_size"] == 2
 
 
 def _without_latency(final: dict) -> dict:

@@ -80,7 +80,7 @@ def process_group() -> Iterator[int]:
     Nothing happens when ``WORLD_SIZE`` is unset or 1, or when the caller already initialised
     ``torch.distributed`` (its group is used and left alone). A group started here is destroyed
     on exit. On a machine with CUDA, CUDA tensors go through NCCL and CPU tensors through gloo,
-    and each process uses the GPU ``LOCAL_RANK`` names.
+    and each process uses the GPU ``LOCAL_RANK`` names (if there is one).
     """
     world = _env_int("WORLD_SIZE", 1)
     if world <= 1 or _active():
@@ -90,8 +90,10 @@ def process_group() -> Iterator[int]:
         raise SecateursError(f"WORLD_SIZE: got {world}; this torch build has no torch.distributed, allowed: 1")
     backend = "gloo"
     if torch.cuda.is_available():
-        torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
         backend = "cpu:gloo,cuda:nccl"
+        local_rank = _env_int("LOCAL_RANK", 0)
+        if local_rank < torch.cuda.device_count():  # more CPU ranks than GPUs is fine on gloo
+            torch.cuda.set_device(local_rank)
     dist.init_process_group(backend)
     try:
         yield dist.get_world_size()

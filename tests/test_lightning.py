@@ -199,3 +199,32 @@ def test_gradient_clipping_takes_a_rule_or_a_method_name() -> None:
         GradientClipping("global_norm")
     with pytest.raises(SecateursError, match="params: got"):
         GradientClipping(clip.GlobalNorm(1.0), max_norm=2.0)
+
+
+class RankRecord(pl.Callback):
+    """Writes each rank's masks and clip norms to ``out`` (ddp_spawn returns nothing else)."""
+
+    def __init__(self, pruning: Pruning, clipping: GradientClipping, out: Path) -> None:
+        self.pruning, self.clipping, self.out = pruning, clipping, out
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        record = {"masks": self.pruning.pruner.masks, "norms": self.clipping.clip_log.norms()}
+        torch.save(record, self.out / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_under_ddp_both_ranks_clip_the_same_norms_and_select_the_same_masks(tmp_path: Path) -> None:
+    pruning = Pruning(0.8, criterion="gradient", loss_fn=F.cross_entropy, schedule="agp", schedule_options={"end": 1})
+    clipping = GradientClipping("global_norm", max_norm=0.5)
+    fit = pl.Trainer(
+        max_epochs=2, strategy="ddp_spawn", accelerator="cpu", devices=2, logger=False,
+        callbacks=[pruning, clipping, RankRecord(pruning, clipping, tmp_path)],
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    )
+    fit.fit(Classifier(), loader())
+    first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert len(first["norms"]) == 2 * STEPS_PER_EPOCH // 2  # each rank steps on half of each epoch
+    assert first["norms"] == second["norms"]
+    for name, mask in first["masks"].items():
+        assert torch.equal(mask, second["masks"][name]), name
+    assert 1 - sum(int(m.sum()) for m in first["masks"].values()) / 384 == pytest.approx(0.8, abs=1 / 384)

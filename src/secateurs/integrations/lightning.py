@@ -170,7 +170,7 @@ class Pruning(pl.Callback):
             if self.schedule.prunes_next() and self.pruner.requires_data:
                 self.pruner.score(islice(trainer.train_dataloader, self.score_batches), self.loss_fn)
             self.schedule.step()
-        pl_module.log("prune/sparsity", self.pruner.current_sparsity, on_step=False, on_epoch=True)
+        pl_module.log("prune/sparsity", self.pruner.current_sparsity, on_step=False, on_epoch=True, sync_dist=True)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer

@@ -7,6 +7,7 @@ printed as one line on stderr with exit code 2, never a traceback.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -56,6 +57,13 @@ ConfigArg = Annotated[str | None, typer.Argument(help="TOML config file (default
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override one key: --set prune.sparsity=0.8 (repeatable)")]
 
 
+def _resume_command(out: Path) -> str:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        return f"torchrun --nproc-per-node {world} -m secateurs run --resume {out}"
+    return f"secateurs run --resume {out}"
+
+
 def _default_out() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
@@ -79,7 +87,7 @@ def run(
         try:
             report = runner.resume(resume, progress=not quiet)
         except runner.Interrupted:
-            typer.echo(f"secateurs: interrupted; resume with: secateurs run --resume {resume}", err=True)
+            typer.echo(f"secateurs: interrupted; resume with: {_resume_command(resume)}", err=True)
             raise typer.Exit(130) from None
         out = resume
     else:
@@ -88,8 +96,10 @@ def run(
         try:
             report = runner.start(cfg, out, progress=not quiet)
         except runner.Interrupted:
-            typer.echo(f"secateurs: interrupted; resume with: secateurs run --resume {out}", err=True)
+            typer.echo(f"secateurs: interrupted; resume with: {_resume_command(out)}", err=True)
             raise typer.Exit(130) from None
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 speaks
+        return
     d, f = report["dense"], report["final"]
     shrink = f"params {d['params']:,} -> {f['params']:,}" if f["params"] < d["params"] else f"sparsity {f['sparsity']:.3f}"
     typer.echo(

@@ -394,6 +394,7 @@ def start(cfg: RunConfig, out: Path, *, progress: bool = True) -> dict[str, Any]
         _checked_world_size(cfg)
         if out.exists() and any(out.iterdir()):
             raise SecateursError(f"--out: {str(out)!r} is not empty; allowed: a new or empty folder (or --resume {out})")
+        run = Run(cfg, out, progress=progress)  # bad data or model fails here, before anything is written
         distributed.barrier()  # every rank has looked before rank 0 writes
         if distributed.is_main():
             try:
@@ -401,7 +402,7 @@ def start(cfg: RunConfig, out: Path, *, progress: bool = True) -> dict[str, Any]
                 atomic_write_text(out / "config.toml", to_toml(cfg))
             except OSError as exc:
                 raise SecateursError(f"--out: cannot write to {str(out)!r} ({exc.strerror})") from None
-        return Run(cfg, out, progress=progress).execute()
+        return run.execute()
 
 
 def resume(out: Path, *, progress: bool = True) -> dict[str, Any]:
@@ -419,4 +420,7 @@ def resume(out: Path, *, progress: bool = True) -> dict[str, Any]:
             pass
     cfg = load_config(out / "config.toml")
     with distributed.process_group():
+        if distributed.is_main():  # temporary files of writes a kill interrupted
+            for stale in out.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
         return Run(cfg, out, progress=progress).execute(resume=True)

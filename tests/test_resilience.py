@@ -178,3 +178,24 @@ def test_non_empty_output_folder_is_refused(tmp_path: Path) -> None:
     result = _cli("run", "--out", str(out))
     assert result.returncode == 2 and "is not empty" in result.stderr
     assert (out / "report.json").read_text() == "{}"
+
+
+def _limit_file_size() -> None:
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+
+def test_a_full_disk_is_reported_in_one_line_and_corrupts_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    # The epoch checkpoint (about 1 MB) is the first file over 200 kB: its write fails as on a full disk.
+    result = subprocess.run(
+        [sys.executable, "-m", "secateurs", "run", *_set_args([*QUICK_RUN, "train.epochs=1"]), "--quiet", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, preexec_fn=_limit_file_size,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "cannot write" in result.stderr and "checkpoint.safetensors" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["config.toml"]  # no half-written file is left
+    assert (out / "config.toml").read_text().startswith("seed = 0")

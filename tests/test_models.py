@@ -56,3 +56,18 @@ def test_bad_model_names_are_clear_errors() -> None:
         build_model("alexnet", input_shape=(1, 8, 8), num_classes=10)
     with pytest.raises(SecateursError, match="does not import"):
         build_model("no_such_package.mod:factory", input_shape=(1, 8, 8), num_classes=10)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_zoo_model_prunes_to_the_target(name: str) -> None:
+    from secateurs import prune
+
+    torch.manual_seed(0)
+    model = build_model(name, input_shape=(1, 8, 8), num_classes=10)
+    pruner = prune.Pruner(model, sparsity=0.8)
+    assert pruner.step() == pytest.approx(0.8, abs=1e-3)
+    params = dict(model.named_parameters())
+    zeros = sum(int((params[n] == 0).sum()) for n in pruner.masks)
+    total = sum(m.numel() for m in pruner.masks.values())
+    assert zeros / total == pytest.approx(0.8, abs=1e-3)
+    assert model(torch.randn(4, 1, 8, 8)).shape == (4, 10)

@@ -330,9 +330,9 @@ def test_an_op_the_graph_cannot_handle_is_named_in_the_error() -> None:
 
 def test_torchvision_resnet18_is_pruned() -> None:
     tv = pytest.importorskip("torchvision")
-    model, x = tv.models.resnet18(num_classes=10), torch.randn(1, 3, 32, 32)
+    model, x = tv.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32)  # 2: BatchNorm trains on 1x1 maps
     small = structured(model, x, ratio=0.5)
-    assert small(x).shape == (1, 10)
+    assert small(x).shape == (2, 10)
     assert count_macs(small, x) < 0.4 * count_macs(model, x)
 
 

@@ -22,10 +22,11 @@ from torch import nn
 
 from secateurs.errors import check
 
-__all__ = ["count_macs", "count_params", "measure_latency", "state_dict_bytes"]
+__all__ = ["count_macs", "count_params", "forward", "measure_latency", "state_dict_bytes"]
 
 
-def _forward(model: nn.Module, inputs: Any) -> Any:
+def forward(model: nn.Module, inputs: Any) -> Any:
+    """``model(inputs)``; a tuple/list is spread as positional inputs, a dict as keywords."""
     if isinstance(inputs, dict):
         return model(**inputs)
     if isinstance(inputs, (tuple, list)):
@@ -103,7 +104,7 @@ def measure_latency(
                 if cuda:
                     torch.cuda.synchronize()
                 start = time.perf_counter()
-                _forward(model, example_inputs)
+                forward(model, example_inputs)
                 if cuda:
                     torch.cuda.synchronize()
                 if i >= warmup:

@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from secateurs.errors import SecateursError, check
-from secateurs.measure import count_macs, count_params
+from secateurs.measure import count_macs, count_params, forward
 from secateurs.prune.structured_criteria import (
     GroupCriterion,
     is_depthwise,
@@ -63,15 +63,6 @@ SCOPES = ("layer", "global")
 
 Inputs = Any  # a tensor, a tuple of positional inputs, or a dict of keyword inputs
 Ignore = Iterable[str | nn.Module | type[nn.Module]]
-
-
-def forward(model: nn.Module, inputs: Inputs) -> Any:
-    """``model(inputs)``; a tuple/list is spread as positional inputs, a dict as keywords."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
 
 
 def _shapes(out: Any) -> list[tuple[int, ...]]:

@@ -35,6 +35,9 @@ def _keys_epilog() -> str:
     return "Config keys (TOML tables, or --set key=value):\n\n" + "\n\n".join(rows)
 
 
+KEYS_EPILOG = _keys_epilog()  # built once: every command's --help lists the same keys
+
+
 def user_errors(fn: F) -> F:
     """Turn SecateursError (and a clean Ctrl-C) into one line on stderr and exit code 2."""
 
@@ -64,11 +67,11 @@ def _resume_command(out: Path) -> str:
     return f"secateurs run --resume {out}"
 
 
-def _default_out() -> Path:
-    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+def _default_out(prefix: str = "") -> Path:
+    return Path("runs") / time.strftime(f"{prefix}%Y%m%d-%H%M%S")
 
 
-@app.command(epilog=_keys_epilog())
+@app.command(epilog=KEYS_EPILOG)
 @user_errors
 def run(
     config: ConfigArg = None,
@@ -133,7 +136,7 @@ def inspect(file: Annotated[str, typer.Argument(help="a secateurs sparse checkpo
     Console().print(table)
 
 
-@app.command(epilog=_keys_epilog())
+@app.command(epilog=KEYS_EPILOG)
 @user_errors
 def sweep(
     config: ConfigArg = None,
@@ -154,7 +157,7 @@ def sweep(
     from secateurs.experiment.config import load_config
 
     cfg = load_config(config, set_ or ())
-    out = out or Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S")
+    out = out or _default_out("sweep-")
     on_cell = None
     if tensorboard:
         from secateurs.experiment import tensorboard as tb
@@ -176,7 +179,7 @@ def sweep(
     typer.echo(f"{len(rows)} runs (dense accuracy {baseline}); {time.perf_counter() - started:.0f} s; wrote {out}/sweep.md, sweep.csv, tradeoff.png")
 
 
-@app.command(epilog=_keys_epilog())
+@app.command(epilog=KEYS_EPILOG)
 @user_errors
 def sensitivity(
     config: ConfigArg = None,
@@ -196,7 +199,7 @@ def sensitivity(
     from secateurs.experiment.config import load_config
 
     cfg = load_config(config, set_ or ())
-    out = out or Path("runs") / time.strftime("sensitivity-%Y%m%d-%H%M%S")
+    out = out or _default_out("sensitivity-")
     try:
         result = analysis.analyse(cfg, out, progress=not quiet)
     except runner.Interrupted:

@@ -18,13 +18,9 @@ from secateurs.experiment.config import RunConfig
 from secateurs.experiment.data import Dataset
 from secateurs.serialization import atomic_write_bytes, atomic_write_text
 
-REPORT_KEYS = (
-    "dataset", "model", "seed", "world_size", "dense", "final", "clip", "prune", "history", "wall_seconds",
-)
-
 
 def cost(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
-    """MACs, parameter count and CPU latency (median ms of 30 runs) of ``model`` on ``example``."""
+    """MACs and CPU latency (median ms of 30 runs) of ``model`` on ``example``."""
     return {
         "macs": measure.count_macs(model, example),
         "latency_ms": measure.measure_latency(model, example, runs=30),

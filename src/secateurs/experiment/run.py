@@ -270,12 +270,7 @@ class Run:
     # --- the loop ------------------------------------------------------------------------------
 
     def _sparsity(self) -> float:
-        if self.pruner is None:
-            return 0.0
-        masks = self.pruner.masks
-        total = sum(m.numel() for m in masks.values())
-        kept = sum(int(m.sum()) for m in masks.values())
-        return 1.0 - kept / total if total else 0.0
+        return self.pruner.current_sparsity if self.pruner is not None else 0.0
 
     def _prune_tick(self) -> None:
         assert self.schedule is not None and self.pruner is not None

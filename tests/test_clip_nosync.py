@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from secateurs.clip import METHODS, Chain, GlobalNorm, build, by_global_norm_, by_norm_, wrap
+from secateurs.prune.masks import mask_grads_
 
 REQUIRED = {
     "value": {"clip_value": 0.1},
@@ -78,3 +79,14 @@ def test_wrapped_sgd_with_momentum_skip_step_runs_without_reading_the_device() -
     for _ in range(3):
         opt.step()
     assert all(inner.state[p]["momentum_buffer"].device == META for p in params)
+
+
+def test_wrapped_step_with_a_masking_pre_clip_hook_runs_without_reading_the_device() -> None:
+    # what Pruner.attach(wrapped) registers: pruned gradients to zero before the rule
+    params = meta_params()
+    masks = [torch.empty(p.shape, dtype=torch.bool, device=META) for p in params]
+    opt = wrap(torch.optim.SGD(params, lr=0.1), GlobalNorm(1.0), nonfinite="skip")
+    opt.register_pre_clip_hook(lambda o: mask_grads_(params, masks))
+    for _ in range(3):
+        opt.step()
+    assert opt.log.total_steps == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import pickle
 import warnings
 from collections.abc import Callable
 
@@ -440,3 +441,89 @@ def test_wrapped_optimizer_can_be_deep_copied() -> None:
     opt = wrap(torch.optim.SGD(model.parameters(), lr=0.1), GlobalNorm(1.0))
     clone = copy.deepcopy(opt)
     assert clone.param_groups[0]["lr"] == 0.1 and clone.rule.max_norm == 1.0
+
+
+def zero_first_weight_grad(opt: ClippedOptimizer) -> None:
+    opt.param_groups[0]["params"][0].grad.zero_()
+
+
+def test_pre_clip_hook_runs_before_the_rule_and_its_handle_removes_it() -> None:
+    ours, ref = make_model(), make_model()
+    opt = wrap(torch.optim.SGD(ours.parameters(), lr=0.1), GlobalNorm(MAX_NORM))
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    seen: list[ClippedOptimizer] = []
+    handle = opt.register_pre_clip_hook(zero_first_weight_grad)
+    opt.register_pre_clip_hook(seen.append)
+    for step in range(2):
+        opt.zero_grad()
+        loss_of(ours, step).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        loss_of(ref, step).backward()
+        first, *rest = ref.parameters()
+        first.grad.zero_()
+        want = torch.nn.utils.get_total_norm([p.grad for p in rest])
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), MAX_NORM)
+        ref_opt.step()
+        assert opt.log.norms()[-1] == pytest.approx(want.item(), rel=1e-6)
+    assert_same_params(ours, ref)
+    assert seen == [opt, opt]
+
+    handle.remove()
+    opt.zero_grad()
+    loss_of(ours, 2).backward()
+    full = torch.nn.utils.get_total_norm([p.grad for p in ours.parameters()])
+    opt.step()
+    assert opt.log.norms()[-1] == pytest.approx(full.item(), rel=1e-6)
+    assert len(seen) == 3
+
+
+def test_pre_clip_hook_runs_after_every_closure_evaluation_before_its_clip() -> None:
+    ours, ref = make_model(), make_model()
+    opt = wrap(torch.optim.LBFGS(ours.parameters(), lr=0.5, max_iter=4), GlobalNorm(MAX_NORM))
+    ref_opt = torch.optim.LBFGS(ref.parameters(), lr=0.5, max_iter=4)
+    evaluations, hook_calls = [0], [0]
+
+    def hook(o: ClippedOptimizer) -> None:
+        hook_calls[0] += 1
+        zero_first_weight_grad(o)
+
+    opt.register_pre_clip_hook(hook)
+    for step in range(3):
+
+        def closure(step: int = step) -> torch.Tensor:
+            evaluations[0] += 1
+            opt.zero_grad()
+            loss = loss_of(ours, step)
+            loss.backward()
+            return loss
+
+        def ref_closure(step: int = step) -> torch.Tensor:
+            ref_opt.zero_grad()
+            loss = loss_of(ref, step)
+            loss.backward()
+            next(ref.parameters()).grad.zero_()
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), MAX_NORM)
+            return loss
+
+        assert torch.equal(opt.step(closure), ref_opt.step(ref_closure))
+    assert_same_params(ours, ref)
+    assert evaluations[0] > 3  # the line search evaluated again, and the hook ran each time
+    assert hook_calls == evaluations
+
+
+def test_deepcopy_and_pickle_leave_pre_clip_hooks_behind() -> None:
+    model = make_model()
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.1), GlobalNorm(1.0))
+    calls: list[str] = []
+    opt.register_pre_clip_hook(lambda o: calls.append("original"))  # a lambda cannot be pickled
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        for p in clone.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        clone.step()
+        clone.register_pre_clip_hook(lambda o: calls.append("clone"))
+        clone.step()
+        assert clone.log.total_steps == 2
+    loss_of(model, 0).backward()
+    opt.step()
+    assert calls == ["clone", "clone", "original"]

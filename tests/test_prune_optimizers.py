@@ -2,7 +2,8 @@
 
 Random small models (MLP, CNN, GRU, attention), random sparsity and criterion, dense warm-up
 steps first (so momentum and Adam moments are non-zero when the masks arrive), and a second,
-higher prune half way through.
+higher prune half way through. Then: a pruner attached to a clipping wrapper zeroes the pruned
+gradients before the rule measures them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from secateurs.clip import GlobalNorm, wrap
 from secateurs.prune import Pruner, make_criterion
 
 OPTIMIZERS = {
@@ -131,3 +133,72 @@ def test_model_converted_to_float64_after_pruning_still_applies_masks():
         model.weight.fill_(1.0)
     pruner.apply_()
     assert int((model.weight == 0).sum()) == 18
+
+
+def masked_and_full_norms(model: nn.Module, pruner: Pruner) -> tuple[float, float]:
+    """The gradient norm with pruned weights' gradients zeroed by hand, and without."""
+    masks = pruner.masks
+    grads = [
+        p.grad * masks[name] if name in masks else p.grad for name, p in model.named_parameters()
+    ]
+    full = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    return torch.nn.utils.get_total_norm(grads).item(), full.item()
+
+
+def test_pruner_attached_to_a_wrapper_masks_gradients_before_the_rule_sees_them():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 2))
+    optimizer = wrap(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), GlobalNorm(0.5))
+    pruner = Pruner(model, sparsity=0.5)
+    pruner.attach(optimizer)
+    pruner.step()
+    x, y = torch.randn(16, 12), torch.randn(16, 2)
+    for step in range(4):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x + 0.1 * step), y).backward()
+        masked, full = masked_and_full_norms(model, pruner)
+        optimizer.step()
+        assert optimizer.log.norms()[-1] == pytest.approx(masked, rel=1e-6)
+        assert masked < full
+        for target in pruner.targets:
+            pruned = target.param.detach()[~pruner.masks[target.name]]
+            assert torch.equal(pruned, torch.zeros_like(pruned)), (step, target.name)
+    assert pruner.current_sparsity == pytest.approx(0.5)
+
+
+def test_finalize_removes_the_pre_clip_hook():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 2))
+    optimizer = wrap(torch.optim.SGD(model.parameters(), lr=0.05), None)
+    pruner = Pruner(model, sparsity=0.5)
+    pruner.attach(optimizer)
+    pruner.step()
+    pruner.finalize()
+    nn.functional.mse_loss(model(torch.randn(16, 12)), torch.randn(16, 2)).backward()
+    _, full = masked_and_full_norms(model, pruner)
+    optimizer.step()
+    assert optimizer.log.norms() == [pytest.approx(full, rel=1e-6)]
+
+
+def test_attaching_a_wrapper_and_its_inner_optimizer_counts_each_step_once():
+    x, y = torch.randn(16, 12), torch.randn(16, 2)
+
+    def movement_scores(attach_inner_too: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 2))
+        inner = torch.optim.SGD(model.parameters(), lr=0.05)
+        optimizer = wrap(inner, GlobalNorm(0.5))
+        pruner = Pruner(model, sparsity=0.5, criterion="movement")
+        if attach_inner_too:
+            pruner.attach(inner)
+        pruner.attach(optimizer)
+        for _ in range(3):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+        return pruner.scores()
+
+    once, both = movement_scores(False), movement_scores(True)
+    for name, score in once.items():
+        assert score.abs().sum() > 0
+        assert torch.equal(score, both[name]), name

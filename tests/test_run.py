@@ -16,7 +16,8 @@ from safetensors import safe_open
 from secateurs import prune
 from secateurs.experiment.config import load_config
 from secateurs.experiment.models import build_model
-from secateurs.experiment.run import start
+from secateurs.experiment.run import Run, start
+from secateurs.experiment.train import cross_entropy
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +31,21 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("run") / "out"
     report = start(load_config(overrides=QUICK_RUN), out, progress=False)
     return out, report
+
+
+def test_run_zeroes_pruned_gradients_before_the_clip_rule(tmp_path: Path) -> None:
+    run = Run(load_config(overrides=QUICK_RUN), tmp_path / "out", progress=False)
+    assert run.pruner is not None
+    run.pruner.step(0.5)
+    run.optimizer.zero_grad()
+    cross_entropy(run.model(run.data.train.x[:64]), run.data.train.y[:64]).backward()
+    masks = run.pruner.masks
+    masked = [p.grad * masks[n] if n in masks else p.grad for n, p in run.model.named_parameters()]
+    want = torch.nn.utils.get_total_norm(masked).item()
+    full = torch.nn.utils.get_total_norm([p.grad for p in run.model.parameters()]).item()
+    run.optimizer.step()
+    assert run.log.norms() == [pytest.approx(want, rel=1e-6)]
+    assert want < full
 
 
 def test_run_writes_every_promised_file(quick_run: tuple[Path, dict]) -> None:

@@ -21,17 +21,24 @@ Where the clipping goes, and why it is correct there:
   the wrapped and the inner optimizer in scaler calls: the scaler tracks them separately and
   would unscale twice. Steps the scaler skips never reach the wrapper, so they are not in its
   log; the scaler records them by lowering its scale.
+* **After pre-clip hooks, before step hooks.** Work that must change the gradients before the
+  rule sees them, such as zeroing the gradients of pruned weights so they do not count in the
+  norm, goes in a hook registered with :meth:`ClippedOptimizer.register_pre_clip_hook`
+  (``secateurs.prune.Pruner.attach(wrapped)`` registers one). Hooks registered with
+  ``register_step_pre_hook`` belong to the inner optimizer and run after the clipping.
 * **Learning-rate schedulers** take the wrapped optimizer (it is a ``torch.optim.Optimizer``
   sharing the inner optimizer's ``param_groups``).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 from secateurs.clip._tensors import total_norm
 from secateurs.clip.guard import StepGuard
@@ -58,6 +65,9 @@ class ClippedOptimizer(torch.optim.Optimizer):
     checkpointing code use it unchanged; other attributes are looked up on the inner optimizer.
     ``state_dict()`` is the inner optimizer's plus a ``"clip"`` entry (rule state, log, step
     count), so a resumed run continues its thresholds and its log.
+
+    ``copy.deepcopy`` and pickle copy the rule, log and inner optimizer but, like PyTorch's own
+    optimizer hooks, no pre-clip hooks: register them again on the copy.
     """
 
     # GradScaler must unscale before our step (we clip unscaled gradients); never inherit the
@@ -88,6 +98,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
         self.steps = 0
         """Number of ``step()`` calls so far (skipped ones included)."""
         self._guard = StepGuard()
+        self._pre_clip_hooks: OrderedDict[int, Callable[[ClippedOptimizer], None]] = OrderedDict()
 
     # -- the optimizer's own data -------------------------------------------------------------
     @property
@@ -121,10 +132,15 @@ class ClippedOptimizer(torch.optim.Optimizer):
         return getattr(self.optimizer, name)
 
     def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        # hooks are often closures (unpicklable) and point at objects outside this optimizer;
+        # torch.optim.Optimizer drops its hooks the same way
+        state = self.__dict__.copy()
+        state.pop("_pre_clip_hooks", None)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_pre_clip_hooks", OrderedDict())
 
     def __repr__(self) -> str:
         return f"ClippedOptimizer({self.optimizer!r}, rule={self.rule!r}, nonfinite={self.nonfinite!r})"
@@ -134,6 +150,37 @@ class ClippedOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
+
+    def register_pre_clip_hook(self, hook: Callable[[ClippedOptimizer], None]) -> RemovableHandle:
+        """Call ``hook(self)`` on every step after the gradients are computed and before the
+        rule clips them; returns a handle whose ``remove()`` unregisters it.
+
+        Without a closure the hooks run at the start of ``step()``; with one they run after
+        every closure evaluation (LBFGS line search included), just before that evaluation is
+        clipped. Hooks run in registration order and may change ``.grad`` in place; the wrapper
+        reads nothing on the host around them. Hooks registered with
+        :meth:`register_step_pre_hook` (on the inner optimizer) run after the clipping instead.
+
+        >>> import torch
+        >>> from secateurs.clip import GlobalNorm, wrap
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = wrap(torch.optim.SGD(model.parameters(), lr=0.1), GlobalNorm(1.0))
+        >>> seen = []
+        >>> handle = opt.register_pre_clip_hook(lambda o: seen.append(o.steps))
+        >>> model(torch.randn(8, 4)).sum().backward()
+        >>> opt.step(); opt.step()
+        >>> handle.remove()
+        >>> opt.step()
+        >>> seen
+        [1, 2]
+        """
+        handle = RemovableHandle(self._pre_clip_hooks)
+        self._pre_clip_hooks[handle.id] = hook
+        return handle
+
+    def _run_pre_clip_hooks(self) -> None:
+        for hook in tuple(self._pre_clip_hooks.values()):  # a hook may remove itself
+            hook(self)
 
     def register_step_pre_hook(self, hook: Callable[..., Any]) -> Any:
         return self.optimizer.register_step_pre_hook(hook)
@@ -202,6 +249,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
         self.steps += 1
         if closure is not None:
             return self._step_with_closure(closure)
+        self._run_pre_clip_hooks()
         params = self._params()
         stats = self._clip(params)
         ok = torch.isfinite(stats.norm_before)
@@ -222,6 +270,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
         params = self._params()
         with torch.enable_grad():
             loss = closure()
+        self._run_pre_clip_hooks()
         stats = self._clip(params)
         ok = torch.isfinite(stats.norm_before)
         if self.nonfinite != "ignore" and not bool(ok):
@@ -240,6 +289,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
                 return loss
             with torch.enable_grad():
                 again = closure()
+            self._run_pre_clip_hooks()
             self._clip(params)
             return again
 
@@ -271,9 +321,10 @@ def wrap(
     ``step(closure)`` is supported, LBFGS included: the closure is evaluated once here, the
     rule clips its gradients and the optimizer reuses that evaluation; later evaluations the
     optimizer makes (LBFGS line search) are clipped by the rule as well, so stateful rules see
-    them too. With a closure the finiteness check reads one flag on the host (the optimizers
-    that need closures read the loss on the host anyway), and a non-finite first evaluation
-    skips the step without calling the optimizer.
+    them too. Pre-clip hooks (:meth:`ClippedOptimizer.register_pre_clip_hook`) run before every
+    one of those clips. With a closure the finiteness check reads one flag on the host (the
+    optimizers that need closures read the loss on the host anyway), and a non-finite first
+    evaluation skips the step without calling the optimizer.
 
     See the module docstring for gradient accumulation, GradScaler and LR schedulers.
     """

@@ -193,9 +193,10 @@ class Run:
     def _make_optimizer(self, lr: float) -> clip.ClippedOptimizer:
         t = self.cfg.train
         inner = make_optimizer(t.optimizer, self.model.parameters(), lr=lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        optimizer = clip.wrap(inner, self.rule, nonfinite=t.nonfinite, log=self.log)
         if self.pruner is not None:
-            self.pruner.attach(inner)
-        return clip.wrap(inner, self.rule, nonfinite=t.nonfinite, log=self.log)
+            self.pruner.attach(optimizer)  # the wrapper: pruned gradients are zero before the rule's norm
+        return optimizer
 
     def _epoch_lr(self, phase: Phase, local_epoch: int) -> float:
         """Cosine decay within dense training and fine-tuning; constant while the schedule prunes."""

@@ -2,9 +2,10 @@
 
 ``step()`` scores the targeted weights with its criterion, selects the lowest-scoring ones
 (over all targets together, or layer by layer, optionally in N:M blocks) and zeroes them in
-place. ``attach(optimizer)`` keeps them at zero while that optimizer trains the model. The model
-itself is never wrapped or hooked, so its state_dict keys, ``copy.deepcopy`` and pickle behave
-exactly as for an unpruned model.
+place. ``attach(optimizer)`` keeps them at zero while that optimizer trains the model (and, for an
+optimizer from :func:`secateurs.clip.wrap`, zeroes their gradients before the clipping rule
+sees them). The model itself is never wrapped or hooked, so its state_dict keys,
+``copy.deepcopy`` and pickle behave exactly as for an unpruned model.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from secateurs.clip.wrap import ClippedOptimizer
 from secateurs.errors import SecateursError
 from secateurs.prune.criteria import Criterion, LossFn, make_criterion
 from secateurs.prune.masks import (
@@ -53,6 +55,16 @@ class _BeforeStep:
 
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.pruner._before_optimizer_step(optimizer)
+
+
+class _BeforeClip:
+    """Pre-clip hook of a wrapped optimizer: pruned gradients to zero before the rule's norm."""
+
+    def __init__(self, pruner: Pruner):
+        self.pruner = pruner
+
+    def __call__(self, optimizer: ClippedOptimizer) -> None:
+        self.pruner.mask_grads_()
 
 
 class _AfterStep:
@@ -288,8 +300,12 @@ class Pruner:
 
     @torch.no_grad()
     def mask_grads_(self) -> None:
-        """Zero the gradients of pruned weights (attached optimizers do this before each step;
-        call it yourself before clipping so the gradient norm ignores pruned weights)."""
+        """Zero the gradients of pruned weights, so a gradient norm ignores them.
+
+        Attached optimizers do this before each step, and an attached
+        :class:`~secateurs.clip.ClippedOptimizer` before its rule clips. Call it yourself only
+        when clipping some other way (e.g. ``torch.nn.utils.clip_grad_norm_``) before the step.
+        """
         if self._masks is not None:
             mask_grads_(self._params(), self._masks)
 
@@ -300,20 +316,31 @@ class Pruner:
         weights are zeroed (and the movement criterion accumulates ``-w * g``); after it the
         pruned weights are zeroed again, so even optimizers that mix coordinates cannot revive
         them. Hooks live on the optimizer; the model stays plain.
+
+        Attach the *wrapped* optimizer when clipping with :func:`secateurs.clip.wrap`: a
+        pre-clip hook then zeroes the pruned gradients before the rule computes its norm (the
+        step hooks run on the inner optimizer, after the clipping). Attaching both the wrapper
+        and its inner optimizer registers the step hooks once.
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise SecateursError(f"optimizer: got {type(optimizer).__name__}; allowed: a torch.optim.Optimizer")
         if any(o is optimizer for o in self._optimizers):
             return
+        inner = _inner(optimizer)
+        if not any(_inner(o) is inner for o in self._optimizers):
+            self._handles.append(optimizer.register_step_pre_hook(_BeforeStep(self)))
+            self._handles.append(optimizer.register_step_post_hook(_AfterStep(self)))
+        if isinstance(optimizer, ClippedOptimizer):
+            self._handles.append(optimizer.register_pre_clip_hook(_BeforeClip(self)))
         self._optimizers.append(optimizer)
-        self._handles.append(optimizer.register_step_pre_hook(_BeforeStep(self)))
-        self._handles.append(optimizer.register_step_post_hook(_AfterStep(self)))
         self._sync_optimizer_state(optimizer)
 
     def _sync_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._masks is not None and self._synced.get(id(optimizer)) != self._version:
+        # keyed by the inner optimizer: the step hooks receive it, the wrapper shares its state
+        key = id(_inner(optimizer))
+        if self._masks is not None and self._synced.get(key) != self._version:
             mask_optimizer_state_(optimizer, self._params(), self._masks)
-        self._synced[id(optimizer)] = self._version
+        self._synced[key] = self._version
 
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         on_step = getattr(self.criterion, "on_optimizer_step", None)
@@ -381,6 +408,11 @@ class Pruner:
             f"targets={len(self.targets)} weights / {self.num_targeted} params, "
             f"pattern={self.pattern}, current_sparsity={self.current_sparsity:.4f})"
         )
+
+
+def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that holds the state and runs the step hooks: the wrapped one, if any."""
+    return optimizer.optimizer if isinstance(optimizer, ClippedOptimizer) else optimizer
 
 
 def _fnmatch(name: str, pattern: str) -> bool:

@@ -9,7 +9,15 @@ import math
 import pytest
 import torch
 
-from secateurs.clip import agc_, by_global_norm_, by_norm_, by_value_, clamp_params_
+from secateurs.clip import (
+    _tensors,
+    agc_,
+    by_global_norm_,
+    by_norm_,
+    by_value_,
+    clamp_params_,
+    unitwise,
+)
 
 NORM_TYPES = [1.0, 2.0, math.inf]
 
@@ -151,6 +159,68 @@ def test_agc_on_many_small_and_some_large_tensors_matches_a_row_loop() -> None:
     agc_(params, clipping=0.02)
     for p, e in zip(params, expected, strict=True):
         torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-7)
+
+
+def random_params(shapes: list[tuple[int, ...]], seed: int, scale: float) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    params = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.randn(s, generator=g))
+        p.grad = torch.randn(s, generator=g) * scale
+        params.append(p)
+    return params
+
+
+def test_agc_across_chunks_and_slices_matches_a_row_loop() -> None:
+    # 40 stacked (500, 4) tensors: 20,000 units, more than one arithmetic slice (SLICE_UNITS);
+    # a (1100, 1000) weight: more elements than one chunk (CHUNK_NUMEL) on its own
+    shapes = [(500, 4)] * 40 + [(1100, 1000), (1100,), (7,)]
+    params = random_params(shapes, seed=5, scale=0.05)
+    assert unitwise.SLICE_UNITS < 40 * 500 and unitwise.CHUNK_NUMEL < 1100 * 1000
+    expected = [reference_agc(p.detach(), p.grad, 0.02, 1e-3) for p in params]
+    agc_(params, clipping=0.02)
+    for p, e in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("clipping", [0.01, 1e-4])  # bounds >= 1e-6, and bounds that may be less
+def test_agc_on_tiny_gradients_matches_a_row_loop(clipping: float) -> None:
+    params = random_params([(6, 3), (6, 3), (5,)], seed=1, scale=1.0)
+    for p, scale in zip(params, [1e-9, 1e-7, 1e-8], strict=True):
+        p.data.mul_(1e-4)  # weight rows far under eps: bound = clipping * eps
+        p.grad.mul_(scale)
+    expected = [reference_agc(p.detach(), p.grad, clipping, 1e-3) for p in params]
+    agc_(params, clipping=clipping)
+    for p, e in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=0)
+
+
+def test_agc_on_a_channels_last_conv_weight_matches_a_row_loop() -> None:
+    conv = torch.nn.Conv2d(16, 32, 3).to(memory_format=torch.channels_last)
+    conv(torch.randn(2, 16, 8, 8).to(memory_format=torch.channels_last)).square().sum().backward()
+    assert not conv.weight.grad.is_contiguous()
+    expected = reference_agc(conv.weight.detach(), conv.weight.grad, 0.01, 1e-3)
+    agc_([conv.weight], clipping=0.01)
+    torch.testing.assert_close(conv.weight.grad, expected, rtol=1e-5, atol=1e-8)
+
+
+def test_global_norm_on_two_threads_matches_torch_and_a_float64_reference() -> None:
+    # with more than one thread, large CPU tensors take their 2-norm as a BLAS dot
+    params = random_params([(300, 300), (70000,), (64, 3, 3, 3)], seed=2, scale=1.0)
+    ref = clone(params)
+    exact = torch.cat([p.grad.double().flatten() for p in params]).norm()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert _tensors._dot_ok(params[1].grad, 2.0)
+        norm = by_global_norm_(params, max_norm=1.0)
+    finally:
+        torch.set_num_threads(threads)
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    torch.testing.assert_close(norm.double(), exact, rtol=1e-6, atol=0)
+    torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
+    for a, b in zip(params, ref, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-9)
 
 
 def test_clamp_params_clamps_values_and_returns_their_norm() -> None:

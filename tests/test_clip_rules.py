@@ -97,6 +97,31 @@ def test_agc_rule_equals_agc_function() -> None:
     torch.testing.assert_close(stats.norm_after, after)
 
 
+def test_agc_rule_reuses_its_plan_and_rebuilds_it_when_the_layout_changes() -> None:
+    rule = AGC(0.05)
+    first = params_with_grads(3, scale=0.1)
+    rule(first)
+    plan = rule._plan
+    layouts = [
+        params_with_grads(4, scale=0.1),  # same layout, new tensors: same plan
+        [torch.nn.Parameter(p.detach()[:1].clone()) for p in params_with_grads(5)],  # shapes
+        [torch.nn.Parameter(p.detach().double()) for p in params_with_grads(6)],  # dtypes
+    ]
+    for i, params in enumerate(layouts):
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.randn_like(p) * 0.1
+        ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        for r, p in zip(ref, params, strict=True):
+            r.grad = p.grad.clone()
+        stats = rule(params)
+        norm = agc_(ref, 0.05)
+        assert (rule._plan is plan) == (i == 0)
+        assert torch.equal(stats.norm_before, norm)
+        for a, b in zip(params, ref, strict=True):
+            assert a.grad.dtype == b.grad.dtype and torch.equal(a.grad, b.grad)
+
+
 def test_chain_applies_rules_in_order() -> None:
     ours, ref = params_with_grads(4), params_with_grads(4)
     stats = Chain(Value(0.5), GlobalNorm(1.0))(ours)

@@ -16,10 +16,17 @@ Small tensors of the same shape are stacked so a model with thousands of small p
 a handful of kernels, not one per tensor; large tensors are reduced where they lie. Units never
 span tensors, so clipping proceeds chunk by chunk and each gradient is scaled while still in
 cache from its norm pass.
+
+The layout of that work (groups, chunks, stacking buffers, the per-tensor views of the factor
+buffer) depends only on the gradients' shapes, dtypes and devices, so it is a :class:`UnitPlan`
+that the :class:`~secateurs.clip.AGC` rule builds once and reuses while the layout stays the
+same; on a model with thousands of small tensors that saves most of the per-tensor overhead.
 """
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,17 +35,13 @@ from torch import Tensor
 from secateurs.clip._tensors import is_dtensor, shape_groups
 from secateurs.errors import SecateursError
 
-# elements per chunk (16 MB of float32 gradients): few enough to stay in a server L3 cache
-CHUNK_NUMEL = 1 << 22
-# units per slice of per-unit arithmetic: under ATen's grain size (32768), so it runs serially
+# elements per chunk on the CPU (4 MB of float32 gradients, as many weights): the chunk's
+# gradients are still in cache when they are scaled, right after their norms were taken
+CHUNK_NUMEL = 1 << 20
+# units per slice of per-unit arithmetic on the CPU: under ATen's grain size (32768), so it
+# runs serially (on a busy machine a parallel kernel can wait for its second thread longer
+# than the arithmetic takes)
 SLICE_UNITS = 1 << 14
-
-
-def _unit_norms(stacked: Tensor, unit_ndim: int) -> Tensor:
-    """Unit norms of a ``[k, *shape]`` stack, flattened to ``k * units`` values."""
-    if unit_ndim > 1:
-        return torch.linalg.vector_norm(stacked.flatten(2), dim=2).flatten()
-    return torch.linalg.vector_norm(stacked.flatten(1), dim=1)
 
 
 def _check_plain(grads: list[Tensor]) -> None:
@@ -63,108 +66,221 @@ class AGCResult:
     """True when at least one unit was scaled down."""
 
 
-def _chunks(groups: list[list[int]], tensors: list[Tensor]) -> list[list[list[int]]]:
-    """Consecutive groups on one device holding at most ``CHUNK_NUMEL`` elements together."""
-    chunks: list[list[list[int]]] = []
-    size = 0
-    device = None
-    for index in groups:
-        t = tensors[index[0]]
-        n = t.numel() * len(index)
-        if not chunks or size + n > CHUNK_NUMEL or t.device != device:
-            chunks.append([])
-            size = 0
-            device = t.device
-        chunks[-1].append(index)
-        size += n
-    return chunks
-
-
 def _units(t: Tensor) -> int:
     return t.shape[0] if t.dim() > 1 else 1
 
 
-def _factors(
-    g_units: Tensor, w_units: Tensor, clipping: float, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-unit factors, plus the squared sums (g, g * factor, bound) and "any clipped".
+def _pieces(lo: int, hi: int, step: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` cut into consecutive ranges of at most ``step``."""
+    return [(a, min(a + step, hi)) for a in range(lo, hi, step)]
 
-    Runs over slices of at most ``SLICE_UNITS`` units so each small kernel stays under ATen's
-    grain size and runs serially: on a busy machine every parallel kernel can wait for its
-    second thread to be scheduled, which would cost more than the arithmetic.
+
+def _taker(index: Sequence[int]) -> operator.itemgetter:
+    """``f(xs)`` picking ``xs[i]`` for ``i`` in ``index``, as a sequence even for one index."""
+    if len(index) == 1:
+        return operator.itemgetter(slice(index[0], index[0] + 1))
+    return operator.itemgetter(*index)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Tensors of one shape handled together: stacked when small, else one large tensor."""
+
+    take: operator.itemgetter
+    """Picks the group's tensors out of the gradient (or parameter) list."""
+    g_out: Tensor
+    """Where the group's gradient unit norms go (a view of its segment's buffer)."""
+    w_out: Tensor
+    """Where the group's weight unit norms go."""
+    dims: tuple[int, ...] | None
+    """Dimensions a lone tensor's unit norms reduce (None: all, one unit)."""
+    stack: Tensor | None = None
+    """Buffer ``[2, k, *shape]`` the group's gradients and weights are stacked into; None for a
+    lone tensor, which is reduced where it lies (whatever its memory format)."""
+    g_rows: Tensor | None = None
+    """``stack``'s gradient half as ``[units, elements per unit]``."""
+    w_rows: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Consecutive groups of one segment, a few MB together on the CPU (``CHUNK_NUMEL``)."""
+
+    groups: tuple[_Group, ...]
+    slices: tuple[tuple[Tensor, Tensor, Tensor], ...]
+    """Views (gradient norms, bounds, factors) of the chunk's units, in ``SLICE_UNITS`` pieces."""
+    take: operator.itemgetter
+    """Picks the chunk's gradients in the order of ``views``."""
+    views: list[Tensor]
+    """One view of the factors per gradient, shaped to broadcast against it."""
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """All tensors of one device and dtype: per-unit buffers and the chunks that fill them."""
+
+    buffers: Tensor
+    """``[4, units]``: gradient unit norms, weight unit norms, bounds, factors."""
+    chunks: list[_Chunk]
+    slices: tuple[tuple[Tensor, Tensor], ...]
+    """Views (weight norms, bounds) of all units, in ``SLICE_UNITS`` pieces."""
+
+
+_SHAPE = operator.attrgetter("shape")
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
+
+
+def plan_key(grads: list[Tensor]) -> tuple:
+    """What a :class:`UnitPlan` depends on: every gradient's shape and dtype, and the devices."""
+    return tuple(map(_SHAPE, grads)), tuple(map(_DTYPE, grads)), frozenset(map(_DEVICE, grads))
+
+
+class UnitPlan:
+    """How AGC walks a list of gradients: segments, chunks, groups, buffers and views.
+
+    Built from the gradients' layout alone (see :func:`plan_key`), so it serves any gradients
+    (and parameters) of that layout and a rule can reuse it every step. It holds a stacking
+    buffer per group of small tensors (twice their size: gradients and weights) and four
+    values per unit (the norms, the bound and the factor).
     """
-    factor = torch.empty_like(g_units)
-    sums: list[Tensor] = []
-    clipped: list[Tensor] = []
-    for lo in range(0, g_units.numel(), SLICE_UNITS):
-        g = g_units[lo : lo + SLICE_UNITS]
-        bound = w_units[lo : lo + SLICE_UNITS].clamp(min=eps).mul_(clipping)
-        f = factor[lo : lo + SLICE_UNITS]
-        torch.div(bound, g.clamp(min=1e-6), out=f)
-        f.masked_fill_(g < bound, 1.0)
-        sums.append(torch.stack([g.square().sum(), (g * f).square().sum(), bound.square().sum()]))
-        clipped.append((f < 1.0).any())
-    total = sums[0] if len(sums) == 1 else torch.stack(sums).sum(dim=0)
-    return factor, total, torch.stack(clipped).any()
+
+    def __init__(self, grads: list[Tensor], key: tuple | None = None) -> None:
+        self.key = plan_key(grads) if key is None else key
+        segments: dict[tuple[torch.device, torch.dtype], list[list[int]]] = {}
+        for index in shape_groups(grads):
+            t = grads[index[0]]
+            segments.setdefault((t.device, t.dtype), []).append(index)
+        self.segments = [self._segment(groups, grads) for groups in segments.values()]
+
+    @staticmethod
+    def _segment(groups: list[list[int]], grads: list[Tensor]) -> _Segment:
+        first = grads[groups[0][0]]
+        cpu = first.device.type == "cpu"
+        units = [len(index) * _units(grads[index[0]]) for index in groups]
+        buffers = torch.ones((4, sum(units)), dtype=first.dtype, device=first.device)
+        gn, wn, bound, factor = buffers.unbind(0)
+        # chunks: consecutive groups of at most CHUNK_NUMEL elements (the CPU only)
+        spans: list[list[int]] = []
+        size = 0
+        for i, index in enumerate(groups):
+            n = grads[index[0]].numel() * len(index)
+            if not spans or (cpu and size + n > CHUNK_NUMEL):
+                spans.append([])
+                size = 0
+            spans[-1].append(i)
+            size += n
+        offsets = [0]
+        for u in units:
+            offsets.append(offsets[-1] + u)
+
+        step = SLICE_UNITS if cpu else max(1, offsets[-1])
+        chunks = []
+        for span in spans:
+            built: list[_Group] = []
+            views: list[Tensor] = []
+            for i in span:
+                index, lo, hi = groups[i], offsets[i], offsets[i + 1]
+                t = grads[index[0]]
+                built.append(UnitPlan._group(index, t, gn[lo:hi], wn[lo:hi]))
+                # [k, units, 1, ...] (or [k, 1] / [k] for 1-D / 0-d) so each slice broadcasts
+                lead = (len(index), t.shape[0]) if t.dim() > 1 else (len(index),)
+                trailing = [1] * (t.dim() - 1 if t.dim() > 1 else t.dim())
+                views.extend(factor[lo:hi].view(*lead, *trailing).unbind(0))
+            lo, hi = offsets[span[0]], offsets[span[-1] + 1]
+            slices = tuple((gn[a:b], bound[a:b], factor[a:b]) for a, b in _pieces(lo, hi, step))
+            order = [j for i in span for j in groups[i]]
+            chunks.append(_Chunk(tuple(built), slices, _taker(order), views))
+        bounds = tuple((wn[a:b], bound[a:b]) for a, b in _pieces(0, offsets[-1], step))
+        return _Segment(buffers, chunks, bounds)
+
+    @staticmethod
+    def _group(index: list[int], t: Tensor, g_out: Tensor, w_out: Tensor) -> _Group:
+        dims = tuple(range(1, t.dim())) if t.dim() > 1 else None
+        if len(index) == 1:
+            if dims is None:  # one unit: a 0-d view of its slot
+                g_out, w_out = g_out.view(()), w_out.view(())
+            return _Group(_taker(index), g_out, w_out, dims)
+        k = len(index)
+        stack = torch.empty((2, k, *t.shape), dtype=t.dtype, device=t.device)
+        rows = stack.view(2, k * _units(t), -1)
+        return _Group(_taker(index), g_out, w_out, dims, stack, rows[0], rows[1])
+
+
+def _factors_(g: Tensor, bound: Tensor, factor: Tensor, exact: bool) -> None:
+    """Per-unit factors ``1 if g < bound else bound / max(g, 1e-6)``, into ``factor``.
+
+    When every bound is at least 1e-6 (``exact`` False) that is ``min(1, bound / g)``: two
+    kernels instead of four (a unit with ``g < 1e-6`` is then always under its bound).
+    """
+    if exact:
+        torch.clamp(g, min=1e-6, out=factor)
+        torch.div(bound, factor, out=factor)
+        factor.masked_fill_(g < bound, 1.0)
+    else:
+        torch.div(bound, g, out=factor).clamp_(max=1.0)
 
 
 @torch.no_grad()
-def agc_apply_(params: list[Tensor], grads: list[Tensor], clipping: float, eps: float) -> AGCResult:
+def agc_apply_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    clipping: float,
+    eps: float,
+    plan: UnitPlan | None = None,
+) -> AGCResult:
     """Clip ``grads`` (the gradients of ``params``, same order) unit-wise, in place.
 
-    Units never span tensors, so the work goes chunk by chunk (a few MB of gradients at a time):
-    reduce the chunk's weights and gradients, then scale its gradients while they are still in
-    cache. Memory traffic is one read of the weights and one read and write of the gradients.
+    First the weights' unit norms and so every unit's bound; then, chunk by chunk (a few MB
+    of gradients at a time on the CPU), the gradients' unit norms, their factors, and the
+    scaling while those gradients are still in cache. Memory traffic is one read of the
+    weights and one read and write of the gradients. ``plan`` is a :class:`UnitPlan` of
+    ``grads``' layout to reuse; one is built if None.
     """
     _check_plain(grads)
+    if plan is None:
+        plan = UnitPlan(grads)
+    norm = torch.linalg.vector_norm
+    exact = clipping * eps < 1e-6
+    for segment in plan.segments:
+        for chunk in segment.chunks:
+            for group in chunk.groups:
+                if group.stack is None:  # one tensor: reduce it where it lies
+                    (w,) = group.take(params)
+                    norm(w, dim=group.dims, out=group.w_out)
+                else:  # small tensors: stacked, then reduced together
+                    torch.stack(group.take(params), out=group.stack[1])
+                    norm(group.w_rows, dim=1, out=group.w_out)
+        for w, bound in segment.slices:
+            torch.clamp(w, min=eps, out=bound).mul_(clipping)
+        for chunk in segment.chunks:
+            for group in chunk.groups:
+                if group.stack is None:
+                    (g,) = group.take(grads)
+                    norm(g, dim=group.dims, out=group.g_out)
+                else:
+                    torch.stack(group.take(grads), out=group.stack[0])
+                    norm(group.g_rows, dim=1, out=group.g_out)
+            for g, bound, factor in chunk.slices:
+                _factors_(g, bound, factor, exact)
+            targets = chunk.take(grads)
+            if targets[0].device.type in ("cpu", "cuda"):
+                torch._foreach_mul_(targets, chunk.views)
+            else:
+                for t, f in zip(targets, chunk.views, strict=True):
+                    t.mul_(f)
+
     first = grads[0].device
-    sums: list[Tensor] = []  # squared sums of g, g * factor, bound, per piece
-    clipped: list[Tensor] = []
-    for chunk in _chunks(shape_groups(grads), grads):
-        g_parts = []
-        w_parts = []
-        for index in chunk:
-            ndim = grads[index[0]].dim()
-            if len(index) == 1:  # one tensor: reduce it where it lies
-                w_parts.append(_unit_norms(params[index[0]].unsqueeze(0), ndim))
-                g_parts.append(_unit_norms(grads[index[0]].unsqueeze(0), ndim))
-            else:  # small tensors: gradients and weights in one stack, one reduction
-                both = torch.stack([grads[i] for i in index] + [params[i] for i in index])
-                g, w = _unit_norms(both, ndim).chunk(2)
-                g_parts.append(g)
-                w_parts.append(w)
-        # per-unit arithmetic: the chunk's units together when few (one set of small serial
-        # kernels), part by part when many (no parallel cat of a long vector)
-        if len(g_parts) > 1 and sum(g.numel() for g in g_parts) <= SLICE_UNITS:
-            g_parts, w_parts = [torch.cat(g_parts)], [torch.cat(w_parts)]
-        pieces: list[Tensor] = []
-        for g, w in zip(g_parts, w_parts, strict=True):
-            factor, part_sums, part_clipped = _factors(g, w, clipping, eps)
-            pieces.append(factor)
-            sums.append(part_sums.float().to(first))
-            clipped.append(part_clipped.to(first))
-        if len(pieces) < len(chunk):
-            pieces = list(pieces[0].split([len(i) * _units(grads[i[0]]) for i in chunk]))
-
-        targets: list[Tensor] = []
-        factors: list[Tensor] = []
-        for index, f in zip(chunk, pieces, strict=True):
-            shape = grads[index[0]].shape
-            # [k, units, 1, ...] (or [k, 1] / [k] for 1-D / 0-d) so each slice broadcasts
-            lead = (len(index), shape[0]) if len(shape) > 1 else (len(index),)
-            trailing = [1] * (len(shape) - 1 if len(shape) > 1 else len(shape))
-            targets.extend(grads[i] for i in index)
-            factors.extend(f.view(*lead, *trailing).unbind(0))
-        if grads[chunk[0][0]].device.type in ("cpu", "cuda"):
-            torch._foreach_mul_(targets, factors)
-        else:
-            for t, f in zip(targets, factors, strict=True):
-                t.mul_(f)
-
-    norms = torch.stack(sums).sum(dim=0).sqrt()
+    parts = []
+    clipped = []
+    for segment in plan.segments:
+        gn, _, bound, factor = segment.buffers.float().unbind(0)
+        parts.append(norm(torch.stack([gn, gn * factor, bound]), dim=1).to(first))
+        clipped.append((factor < 1.0).any().to(first))
+    norms = parts[0] if len(parts) == 1 else norm(torch.stack(parts), dim=0)
     return AGCResult(
         grad_norm=norms[0],
         clipped_norm=norms[1],
         threshold=norms[2],
-        clipped=torch.stack(clipped).any(),
+        clipped=clipped[0] if len(clipped) == 1 else torch.stack(clipped).any(),
     )

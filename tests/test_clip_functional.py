@@ -173,10 +173,12 @@ def random_params(shapes: list[tuple[int, ...]], seed: int, scale: float) -> lis
 
 def test_agc_across_chunks_and_slices_matches_a_row_loop() -> None:
     # 40 stacked (500, 4) tensors: 20,000 units, more than one arithmetic slice (SLICE_UNITS);
-    # a (1100, 1000) weight: more elements than one chunk (CHUNK_NUMEL) on its own
-    shapes = [(500, 4)] * 40 + [(1100, 1000), (1100,), (7,)]
+    # a (1100, 1000) weight: more elements than one chunk (CHUNK_NUMEL) on its own; 300 stacked
+    # (64, 64) tensors: a stack cut into several chunks
+    shapes = [(500, 4)] * 40 + [(1100, 1000), (1100,), (7,)] + [(64, 64)] * 300
     params = random_params(shapes, seed=5, scale=0.05)
     assert unitwise.SLICE_UNITS < 40 * 500 and unitwise.CHUNK_NUMEL < 1100 * 1000
+    assert unitwise.CHUNK_NUMEL < 300 * 64 * 64
     expected = [reference_agc(p.detach(), p.grad, 0.02, 1e-3) for p in params]
     agc_(params, clipping=0.02)
     for p, e in zip(params, expected, strict=True):

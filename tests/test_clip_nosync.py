@@ -22,7 +22,7 @@ META = torch.device("meta")
 
 
 def meta_params() -> list[torch.nn.Parameter]:
-    shapes = [(16, 8), (16,), (4, 3, 3, 3), (4,), (70000,)]
+    shapes = [(16, 8), (16,), (4, 3, 3, 3), (4,), (70000,)] + [(8, 4), (8,)] * 3  # some stacked
     params = []
     for s in shapes:
         p = torch.nn.Parameter(torch.empty(s, device=META))

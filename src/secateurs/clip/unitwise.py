@@ -109,10 +109,14 @@ class _Chunk:
     groups: tuple[_Group, ...]
     slices: tuple[tuple[Tensor, Tensor, Tensor], ...]
     """Views (gradient norms, bounds, factors) of the chunk's units, in ``SLICE_UNITS`` pieces."""
-    take: operator.itemgetter
-    """Picks the chunk's gradients in the order of ``views``."""
+    take: operator.itemgetter | None
+    """Picks the gradients scaled one by one, in the order of ``views`` (None: there are none)."""
     views: list[Tensor]
-    """One view of the factors per gradient, shaped to broadcast against it."""
+    """One view of the factors per such gradient, shaped to broadcast against it."""
+    restack: tuple[tuple[_Group, Tensor, list[Tensor]], ...] = ()
+    """Off the CPU, stacked groups are scaled in their stack and copied back in one foreach
+    kernel (a per-tensor multiply would launch a kernel per tensor): each with the factors
+    shaped against the stack and the stack's gradient slices."""
 
 
 @dataclass(frozen=True)
@@ -150,7 +154,11 @@ class UnitPlan:
         segments: dict[tuple[torch.device, torch.dtype], list[list[int]]] = {}
         for index in shape_groups(grads):
             t = grads[index[0]]
-            segments.setdefault((t.device, t.dtype), []).append(index)
+            # on the CPU a stack of many small tensors is cut to chunk size too, so each piece
+            # is reduced and scaled while in cache
+            size = max(1, CHUNK_NUMEL // max(1, t.numel())) if t.is_cpu else len(index)
+            for a in range(0, len(index), size):
+                segments.setdefault((t.device, t.dtype), []).append(index[a : a + size])
         self.segments = [self._segment(groups, grads) for groups in segments.values()]
 
     @staticmethod
@@ -179,18 +187,26 @@ class UnitPlan:
         for span in spans:
             built: list[_Group] = []
             views: list[Tensor] = []
+            order: list[int] = []
+            restack = []
             for i in span:
                 index, lo, hi = groups[i], offsets[i], offsets[i + 1]
                 t = grads[index[0]]
-                built.append(UnitPlan._group(index, t, gn[lo:hi], wn[lo:hi]))
+                group = UnitPlan._group(index, t, gn[lo:hi], wn[lo:hi])
+                built.append(group)
                 # [k, units, 1, ...] (or [k, 1] / [k] for 1-D / 0-d) so each slice broadcasts
                 lead = (len(index), t.shape[0]) if t.dim() > 1 else (len(index),)
                 trailing = [1] * (t.dim() - 1 if t.dim() > 1 else t.dim())
-                views.extend(factor[lo:hi].view(*lead, *trailing).unbind(0))
+                shaped = factor[lo:hi].view(*lead, *trailing)
+                if group.stack is not None and not cpu:
+                    restack.append((group, shaped, list(group.stack[0].unbind(0))))
+                else:
+                    views.extend(shaped.unbind(0))
+                    order.extend(index)
             lo, hi = offsets[span[0]], offsets[span[-1] + 1]
             slices = tuple((gn[a:b], bound[a:b], factor[a:b]) for a, b in _pieces(lo, hi, step))
-            order = [j for i in span for j in groups[i]]
-            chunks.append(_Chunk(tuple(built), slices, _taker(order), views))
+            take = _taker(order) if order else None
+            chunks.append(_Chunk(tuple(built), slices, take, views, tuple(restack)))
         bounds = tuple((wn[a:b], bound[a:b]) for a, b in _pieces(0, offsets[-1], step))
         return _Segment(buffers, chunks, bounds)
 
@@ -263,12 +279,16 @@ def agc_apply_(
                     norm(group.g_rows, dim=1, out=group.g_out)
             for g, bound, factor in chunk.slices:
                 _factors_(g, bound, factor, exact)
-            targets = chunk.take(grads)
-            if targets[0].device.type in ("cpu", "cuda"):
-                torch._foreach_mul_(targets, chunk.views)
-            else:
-                for t, f in zip(targets, chunk.views, strict=True):
-                    t.mul_(f)
+            if chunk.take is not None:
+                targets = chunk.take(grads)
+                if targets[0].device.type in ("cpu", "cuda"):
+                    torch._foreach_mul_(targets, chunk.views)
+                else:
+                    for t, f in zip(targets, chunk.views, strict=True):
+                        t.mul_(f)
+            for group, factors, stacked in chunk.restack:
+                group.stack[0].mul_(factors)
+                torch._foreach_copy_(group.take(grads), stacked)
 
     first = grads[0].device
     parts = []

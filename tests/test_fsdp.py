@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from test_distributed import batch, join, net, spawn
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.nn import functional as F
 
 from secateurs import clip
@@ -24,10 +25,12 @@ pytestmark = pytest.mark.slow
 
 
 def sharded(model: nn.Module) -> nn.Module:
+    # a CPU mesh even where CUDA exists (fully_shard's default mesh follows the accelerator)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for layer in model:
         if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    return fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:

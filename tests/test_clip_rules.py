@@ -97,29 +97,44 @@ def test_agc_rule_equals_agc_function() -> None:
     torch.testing.assert_close(stats.norm_after, after)
 
 
+def fresh_grads(params: list[torch.nn.Parameter], seed: int) -> list[torch.nn.Parameter]:
+    """``params`` with new random gradients, and a detached copy of both to clip by agc_."""
+    g = torch.Generator().manual_seed(seed)
+    ref = []
+    for p in params:
+        p.grad = (torch.randn(p.shape, generator=g) * 0.1).to(p.dtype)
+        r = torch.nn.Parameter(p.detach().clone())
+        r.grad = p.grad.clone()
+        ref.append(r)
+    return ref
+
+
 def test_agc_rule_reuses_its_plan_and_rebuilds_it_when_the_layout_changes() -> None:
     rule = AGC(0.05)
-    first = params_with_grads(3, scale=0.1)
-    rule(first)
+    params = params_with_grads(3) + params_with_grads(4)  # stacked groups and lone tensors
+    rule(params)
     plan = rule._plan
-    layouts = [
-        params_with_grads(4, scale=0.1),  # same layout, new tensors: same plan
-        [torch.nn.Parameter(p.detach()[:1].clone()) for p in params_with_grads(5)],  # shapes
-        [torch.nn.Parameter(p.detach().double()) for p in params_with_grads(6)],  # dtypes
+    steps = [
+        (params, True),  # same parameters, new gradients: the same plan
+        (params_with_grads(5) + params_with_grads(6), False),  # other parameter objects
+        (params, False),
     ]
-    for i, params in enumerate(layouts):
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.randn_like(p) * 0.1
-        ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
-        for r, p in zip(ref, params, strict=True):
-            r.grad = p.grad.clone()
-        stats = rule(params)
-        norm = agc_(ref, 0.05)
-        assert (rule._plan is plan) == (i == 0)
-        assert torch.equal(stats.norm_before, norm)
-        for a, b in zip(params, ref, strict=True):
-            assert a.grad.dtype == b.grad.dtype and torch.equal(a.grad, b.grad)
+    for i, (ps, reused) in enumerate(steps):
+        ref = fresh_grads(ps, seed=i)
+        stats = rule(ps)
+        assert (rule._plan is plan) == reused
+        plan = rule._plan
+        assert torch.equal(stats.norm_before, agc_(ref, 0.05))
+        for a, b in zip(ps, ref, strict=True):
+            assert torch.equal(a.grad, b.grad)
+    for p in params:  # the same objects, cast in place (as model.double() does)
+        p.data = p.data.double()
+    ref = fresh_grads(params, seed=9)
+    stats = rule(params)
+    assert rule._plan is not plan
+    assert torch.equal(stats.norm_before, agc_(ref, 0.05))
+    for a, b in zip(params, ref, strict=True):
+        assert a.grad.dtype == torch.float64 and torch.equal(a.grad, b.grad)
 
 
 def test_chain_applies_rules_in_order() -> None:

@@ -43,7 +43,7 @@ from secateurs.clip._tensors import (
 from secateurs.clip.functional import _clamp_
 from secateurs.clip.registry import register
 from secateurs.clip.stats import ClipStats
-from secateurs.clip.unitwise import UnitPlan, agc_apply_, plan_key
+from secateurs.clip.unitwise import UnitPlan, agc_apply_
 from secateurs.errors import SecateursError, check
 
 __all__ = ["AGC", "Chain", "GlobalNorm", "Norm", "Rule", "StatefulRule", "Value"]
@@ -223,9 +223,9 @@ class AGC(Rule):
     ``threshold`` in the stats is the 2-norm of the per-unit bounds.
 
     The rule keeps the :class:`~secateurs.clip.unitwise.UnitPlan` of the last gradients it saw
-    (their layout, with buffers for stacking the small ones) and reuses it while the shapes,
-    dtypes and devices stay the same; it is rebuilt when they change and is not part of the
-    state dict.
+    (their layout, with buffers for stacking the small ones) and reuses it while it fits the
+    parameters (see :meth:`~secateurs.clip.unitwise.UnitPlan.fits`); it is rebuilt when they
+    change and is not part of the state dict.
     """
 
     def __init__(self, clipping: float = 0.01, *, eps: float = 1e-3) -> None:
@@ -235,9 +235,8 @@ class AGC(Rule):
 
     def clip(self, params: list[Tensor]) -> ClipStats:
         kept, grads = with_grad(params)
-        key = plan_key(grads)
-        if self._plan is None or self._plan.key != key:
-            self._plan = UnitPlan(grads, key)
+        if self._plan is None or not self._plan.fits(kept, grads):
+            self._plan = UnitPlan(grads, kept)
         r = agc_apply_(kept, grads, self.clipping, self.eps, self._plan)
         return ClipStats(r.grad_norm, r.clipped_norm, r.threshold, r.clipped)
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from secateurs.clip._tensors import is_dtensor, shape_groups
+from secateurs.clip._tensors import has_dtensor, shape_groups
 from secateurs.errors import SecateursError
 
 # elements per chunk on the CPU (4 MB of float32 gradients, as many weights): the chunk's
@@ -45,7 +45,7 @@ SLICE_UNITS = 1 << 14
 
 
 def _check_plain(grads: list[Tensor]) -> None:
-    if any(is_dtensor(g) for g in grads):
+    if has_dtensor(grads):
         raise SecateursError(
             "agc: got DTensor gradients; allowed: ordinary tensors (unit-wise norms need "
             "whole rows; use GlobalNorm, AutoClip or ZClip for sharded models)"
@@ -130,27 +130,21 @@ class _Segment:
     """Views (weight norms, bounds) of all units, in ``SLICE_UNITS`` pieces."""
 
 
-_SHAPE = operator.attrgetter("shape")
-_DTYPE = operator.attrgetter("dtype")
-_DEVICE = operator.attrgetter("device")
-
-
-def plan_key(grads: list[Tensor]) -> tuple:
-    """What a :class:`UnitPlan` depends on: every gradient's shape and dtype, and the devices."""
-    return tuple(map(_SHAPE, grads)), tuple(map(_DTYPE, grads)), frozenset(map(_DEVICE, grads))
+def _layout(t: Tensor) -> tuple[torch.Size, torch.dtype, torch.device]:
+    return t.shape, t.dtype, t.device
 
 
 class UnitPlan:
     """How AGC walks a list of gradients: segments, chunks, groups, buffers and views.
 
-    Built from the gradients' layout alone (see :func:`plan_key`), so it serves any gradients
-    (and parameters) of that layout and a rule can reuse it every step. It holds a stacking
-    buffer per group of small tensors (twice their size: gradients and weights) and four
-    values per unit (the norms, the bound and the factor).
+    Built from the gradients' layout (shapes, dtypes, devices), so it serves any gradients (and
+    parameters) of that layout and a rule can reuse it every step (see :meth:`fits`). It holds
+    a stacking buffer per group of small tensors (twice their size: gradients and weights) and
+    four values per unit (the norms, the bound and the factor).
     """
 
-    def __init__(self, grads: list[Tensor], key: tuple | None = None) -> None:
-        self.key = plan_key(grads) if key is None else key
+    def __init__(self, grads: list[Tensor], params: Sequence[Tensor] = ()) -> None:
+        self.ids = tuple(map(id, params))
         segments: dict[tuple[torch.device, torch.dtype], list[list[int]]] = {}
         for index in shape_groups(grads):
             t = grads[index[0]]
@@ -159,7 +153,21 @@ class UnitPlan:
             size = max(1, CHUNK_NUMEL // max(1, t.numel())) if t.is_cpu else len(index)
             for a in range(0, len(index), size):
                 segments.setdefault((t.device, t.dtype), []).append(index[a : a + size])
+        self.leads = [(g[0], _layout(grads[g[0]])) for groups in segments.values() for g in groups]
         self.segments = [self._segment(groups, grads) for groups in segments.values()]
+
+    def fits(self, params: Sequence[Tensor], grads: list[Tensor]) -> bool:
+        """Whether the plan serves ``params`` and their ``grads``: the same parameter objects
+        as when it was built, and each group's first tensor still of the same layout.
+
+        That catches a model moved or cast (every tensor changes) and parameters replaced (as
+        structured pruning does) without reading every tensor's layout each step; a tensor
+        that changed shape in place while keeping its identity, the first of its group left
+        alone, makes the stacking raise instead.
+        """
+        if tuple(map(id, params)) != self.ids:
+            return False
+        return all(_layout(grads[i]) == layout for i, layout in self.leads)
 
     @staticmethod
     def _segment(groups: list[list[int]], grads: list[Tensor]) -> _Segment:
@@ -194,14 +202,14 @@ class UnitPlan:
                 t = grads[index[0]]
                 group = UnitPlan._group(index, t, gn[lo:hi], wn[lo:hi])
                 built.append(group)
-                # [k, units, 1, ...] (or [k, 1] / [k] for 1-D / 0-d) so each slice broadcasts
+                # [k, units, 1, ...] so each slice broadcasts; [k] (0-d slices) for 1-D / 0-d
                 lead = (len(index), t.shape[0]) if t.dim() > 1 else (len(index),)
-                trailing = [1] * (t.dim() - 1 if t.dim() > 1 else t.dim())
-                shaped = factor[lo:hi].view(*lead, *trailing)
-                if group.stack is not None and not cpu:
+                trailing = [1] * (t.dim() - 1) if t.dim() > 1 else []
+                if group.stack is not None and not cpu:  # against the stack [k, *shape]
+                    shaped = factor[lo:hi].view(*lead, *[1] * (t.dim() - len(lead) + 1))
                     restack.append((group, shaped, list(group.stack[0].unbind(0))))
                 else:
-                    views.extend(shaped.unbind(0))
+                    views.extend(factor[lo:hi].view(*lead, *trailing).unbind(0))
                     order.extend(index)
             lo, hi = offsets[span[0]], offsets[span[-1] + 1]
             slices = tuple((gn[a:b], bound[a:b], factor[a:b]) for a, b in _pieces(lo, hi, step))
@@ -294,8 +302,10 @@ def agc_apply_(
     parts = []
     clipped = []
     for segment in plan.segments:
-        gn, _, bound, factor = segment.buffers.float().unbind(0)
-        parts.append(norm(torch.stack([gn, gn * factor, bound]), dim=1).to(first))
+        buffers = segment.buffers.float()
+        gn, _, bound, factor = buffers.unbind(0)
+        both = norm(buffers, dim=1)  # the norms of gn and bound (and two unused)
+        parts.append(torch.stack([both[0], norm(gn * factor), both[2]]).to(first))
         clipped.append((factor < 1.0).any().to(first))
     norms = parts[0] if len(parts) == 1 else norm(torch.stack(parts), dim=0)
     return AGCResult(

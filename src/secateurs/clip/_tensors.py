@@ -31,6 +31,8 @@ except ImportError:  # pragma: no cover - depends on the torch build
 SMALL_NUMEL = 1 << 14
 # numel from which a CPU 2-norm is a BLAS dot (see _norm)
 DOT_NUMEL = 1 << 16
+# most elements stacked at once by _cpu_norms (4 MB of float32)
+STACK_NUMEL = 1 << 20
 
 
 def as_list(params: Params) -> list[Tensor]:
@@ -196,13 +198,17 @@ def _cpu_norms(tensors: list[Tensor], p: float, *, each: bool) -> list[Tensor]:
     for i in large:
         parts.append(_norm(tensors[i], p))
         order.append(i)
-    for group in stacks:
-        stacked = torch.stack([tensors[i] for i in group])
-        if each:
-            parts.extend(torch.linalg.vector_norm(stacked.flatten(1), p, dim=1).unbind())
-            order.extend(group)
-        else:
-            parts.append(_norm(stacked, p))
+    for whole in stacks:
+        # stacks of at most STACK_NUMEL elements: a few MB that stay in cache between the copy
+        # and the reduction, and an allocation the same size every step
+        size = max(2, STACK_NUMEL // tensors[whole[0]].numel())
+        for group in (whole[a : a + size] for a in range(0, len(whole), size)):
+            stacked = torch.stack([tensors[i] for i in group])
+            if each:
+                parts.extend(torch.linalg.vector_norm(stacked.flatten(1), p, dim=1).unbind())
+                order.extend(group)
+            else:
+                parts.append(_norm(stacked, p))
     if not each:
         return parts
     out: list[Tensor] = parts[:]

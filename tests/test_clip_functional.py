@@ -22,15 +22,18 @@ from secateurs.clip import (
 NORM_TYPES = [1.0, 2.0, math.inf]
 
 
-def make_params(seed: int = 0, scale: float = 1.0) -> list[torch.nn.Parameter]:
+def random_params(shapes: list[tuple[int, ...]], seed: int, scale: float) -> list[torch.nn.Parameter]:
     g = torch.Generator().manual_seed(seed)
-    shapes = [(8, 5), (8,), (3, 2, 3, 3), (3,), (17,)]
     params = []
     for s in shapes:
         p = torch.nn.Parameter(torch.randn(s, generator=g))
         p.grad = torch.randn(s, generator=g) * scale
         params.append(p)
     return params
+
+
+def make_params(seed: int = 0, scale: float = 1.0) -> list[torch.nn.Parameter]:
+    return random_params([(8, 5), (8,), (3, 2, 3, 3), (3,), (17,)], seed, scale)
 
 
 def clone(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
@@ -159,16 +162,6 @@ def test_agc_on_many_small_and_some_large_tensors_matches_a_row_loop() -> None:
     agc_(params, clipping=0.02)
     for p, e in zip(params, expected, strict=True):
         torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-7)
-
-
-def random_params(shapes: list[tuple[int, ...]], seed: int, scale: float) -> list[torch.nn.Parameter]:
-    g = torch.Generator().manual_seed(seed)
-    params = []
-    for s in shapes:
-        p = torch.nn.Parameter(torch.randn(s, generator=g))
-        p.grad = torch.randn(s, generator=g) * scale
-        params.append(p)
-    return params
 
 
 def test_agc_across_chunks_and_slices_matches_a_row_loop() -> None:

@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - depends on the torch build
 SMALL_NUMEL = 1 << 14
 # numel from which a CPU 2-norm is a BLAS dot (see _norm)
 DOT_NUMEL = 1 << 16
-# most elements stacked at once by _cpu_norms (4 MB of float32)
+# most elements stacked at once by _cpu_norms (4 MB of float32; see shape_groups)
 STACK_NUMEL = 1 << 20
 
 
@@ -125,12 +125,14 @@ def _norms_of_group(ts: list[Tensor], device: torch.device, p: float) -> list[Te
     return [torch.linalg.vector_norm(t, p) for t in ts]
 
 
-def shape_groups(tensors: list[Tensor]) -> list[list[int]]:
+def shape_groups(tensors: list[Tensor], *, cpu_numel: int | None = None) -> list[list[int]]:
     """Positions of ``tensors`` batched for one kernel each.
 
     Small tensors (``numel <= SMALL_NUMEL``) of equal shape, dtype and device share a group, to
     be stacked; each large tensor is a group of its own. Groups come in order of first
-    appearance.
+    appearance. With ``cpu_numel``, a group of CPU tensors is cut into consecutive pieces of at
+    most that many elements: a stack of a few MB stays in cache between its copy and its
+    reduction, and is the same allocation every step.
     """
     out: list[list[int]] = []
     small: dict[tuple[torch.Size, torch.dtype, torch.device], list[int]] = {}
@@ -144,11 +146,18 @@ def shape_groups(tensors: list[Tensor]) -> list[list[int]]:
             group = small[key] = []
             out.append(group)
         group.append(i)
-    return out
+    if cpu_numel is None:
+        return out
+    pieces: list[list[int]] = []
+    for group in out:
+        t = tensors[group[0]]
+        size = max(1, cpu_numel // max(1, t.numel())) if t.is_cpu else len(group)
+        pieces.extend(group[a : a + size] for a in range(0, len(group), size))
+    return pieces
 
 
 def _dot_ok(t: Tensor, p: float) -> bool:
-    """Whether ``t``'s 2-norm is best taken as ``sqrt(dot(t, t))`` (see :func:`_norm`)."""
+    """Whether ``t``'s 2-norm is best taken as ``sqrt(dot(t, t))`` (see :func:`_dot_norm`)."""
     return (
         p == 2.0
         and t.numel() >= DOT_NUMEL
@@ -158,18 +167,20 @@ def _dot_ok(t: Tensor, p: float) -> bool:
     )
 
 
-def _norm(t: Tensor, p: float) -> Tensor:
-    """p-norm of one CPU tensor.
+def _dot_norm(t: Tensor) -> Tensor:
+    """2-norm of a contiguous float tensor as ``sqrt(dot(t, t))``.
 
-    For a large float tensor and p = 2 this is ``sqrt(dot(t, t))``: the BLAS dot runs on all
-    intra-op threads at memory speed, while ATen's norm reduction barely gains from a second
-    thread (1.5x faster with two threads here, and closer to a float64 reference since BLAS
-    keeps several partial sums).
+    The BLAS dot runs on all intra-op threads at memory speed, while ATen's norm reduction
+    barely gains from a second thread (1.5x faster with two threads here, and closer to a
+    float64 reference since BLAS keeps several partial sums).
     """
-    if _dot_ok(t, p):
-        flat = t.view(-1)
-        return torch.dot(flat, flat).sqrt()
-    return torch.linalg.vector_norm(t, p)
+    flat = t.view(-1)
+    return torch.dot(flat, flat).sqrt()
+
+
+def _norm(t: Tensor, p: float) -> Tensor:
+    """p-norm of one CPU tensor (:func:`_dot_norm` where :func:`_dot_ok`)."""
+    return _dot_norm(t) if _dot_ok(t, p) else torch.linalg.vector_norm(t, p)
 
 
 def _cpu_norms(tensors: list[Tensor], p: float, *, each: bool) -> list[Tensor]:
@@ -183,7 +194,7 @@ def _cpu_norms(tensors: list[Tensor], p: float, *, each: bool) -> list[Tensor]:
     singles: list[int] = []
     large: list[int] = []
     stacks: list[list[int]] = []
-    for group in shape_groups(tensors):
+    for group in shape_groups(tensors, cpu_numel=STACK_NUMEL):
         if len(group) > 1:
             stacks.append(group)
         elif _dot_ok(tensors[group[0]], p):
@@ -196,19 +207,15 @@ def _cpu_norms(tensors: list[Tensor], p: float, *, each: bool) -> list[Tensor]:
         parts.extend(torch._foreach_norm([tensors[i] for i in singles], p))
         order.extend(singles)
     for i in large:
-        parts.append(_norm(tensors[i], p))
+        parts.append(_dot_norm(tensors[i]))
         order.append(i)
-    for whole in stacks:
-        # stacks of at most STACK_NUMEL elements: a few MB that stay in cache between the copy
-        # and the reduction, and an allocation the same size every step
-        size = max(2, STACK_NUMEL // tensors[whole[0]].numel())
-        for group in (whole[a : a + size] for a in range(0, len(whole), size)):
-            stacked = torch.stack([tensors[i] for i in group])
-            if each:
-                parts.extend(torch.linalg.vector_norm(stacked.flatten(1), p, dim=1).unbind())
-                order.extend(group)
-            else:
-                parts.append(_norm(stacked, p))
+    for group in stacks:
+        stacked = torch.stack([tensors[i] for i in group])
+        if each:
+            parts.extend(torch.linalg.vector_norm(stacked.flatten(1), p, dim=1).unbind())
+            order.extend(group)
+        else:
+            parts.append(_norm(stacked, p))
     if not each:
         return parts
     out: list[Tensor] = parts[:]

@@ -146,13 +146,11 @@ class UnitPlan:
     def __init__(self, grads: list[Tensor], params: Sequence[Tensor] = ()) -> None:
         self.ids = tuple(map(id, params))
         segments: dict[tuple[torch.device, torch.dtype], list[list[int]]] = {}
-        for index in shape_groups(grads):
+        # on the CPU a stack of many small tensors is cut to chunk size too, so each piece is
+        # reduced and scaled while in cache
+        for index in shape_groups(grads, cpu_numel=CHUNK_NUMEL):
             t = grads[index[0]]
-            # on the CPU a stack of many small tensors is cut to chunk size too, so each piece
-            # is reduced and scaled while in cache
-            size = max(1, CHUNK_NUMEL // max(1, t.numel())) if t.is_cpu else len(index)
-            for a in range(0, len(index), size):
-                segments.setdefault((t.device, t.dtype), []).append(index[a : a + size])
+            segments.setdefault((t.device, t.dtype), []).append(index)
         self.leads = [(g[0], _layout(grads[g[0]])) for groups in segments.values() for g in groups]
         self.segments = [self._segment(groups, grads) for groups in segments.values()]
 

@@ -84,25 +84,45 @@ def test_wrapped_step_equals_clip_grad_norm_then_step(name: str) -> None:
     assert opt.log.clipped_steps == 5  # these batches have norms far above 0.5
 
 
+def lbfgs_closures(
+    opt: torch.optim.Optimizer,
+    ours: torch.nn.Module,
+    ref_opt: torch.optim.Optimizer,
+    ref: torch.nn.Module,
+    step: int,
+    *,
+    edit_ref_grads: Callable[[torch.nn.Module], None] | None = None,
+    evaluations: list[int] | None = None,
+) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
+    """Closures for the wrapped LBFGS and for a reference that clips by hand in its closure
+    (after ``edit_ref_grads``); ``evaluations[0]`` counts the wrapped closure's calls."""
+
+    def closure() -> torch.Tensor:
+        if evaluations is not None:
+            evaluations[0] += 1
+        opt.zero_grad()
+        loss = loss_of(ours, step)
+        loss.backward()
+        return loss
+
+    def ref_closure() -> torch.Tensor:
+        ref_opt.zero_grad()
+        loss = loss_of(ref, step)
+        loss.backward()
+        if edit_ref_grads is not None:
+            edit_ref_grads(ref)
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), MAX_NORM)
+        return loss
+
+    return closure, ref_closure
+
+
 def test_wrapped_lbfgs_clips_every_closure_evaluation() -> None:
     ours, ref = make_model(), make_model()
     opt = wrap(torch.optim.LBFGS(ours.parameters(), lr=0.5, max_iter=4), GlobalNorm(MAX_NORM))
     ref_opt = torch.optim.LBFGS(ref.parameters(), lr=0.5, max_iter=4)
     for step in range(3):
-
-        def closure(step: int = step) -> torch.Tensor:
-            opt.zero_grad()
-            loss = loss_of(ours, step)
-            loss.backward()
-            return loss
-
-        def ref_closure(step: int = step) -> torch.Tensor:
-            ref_opt.zero_grad()
-            loss = loss_of(ref, step)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(ref.parameters(), MAX_NORM)
-            return loss
-
+        closure, ref_closure = lbfgs_closures(opt, ours, ref_opt, ref, step)
         got = opt.step(closure)
         want = ref_opt.step(ref_closure)
         assert torch.equal(got, want)
@@ -490,22 +510,15 @@ def test_pre_clip_hook_runs_after_every_closure_evaluation_before_its_clip() -> 
 
     opt.register_pre_clip_hook(hook)
     for step in range(3):
-
-        def closure(step: int = step) -> torch.Tensor:
-            evaluations[0] += 1
-            opt.zero_grad()
-            loss = loss_of(ours, step)
-            loss.backward()
-            return loss
-
-        def ref_closure(step: int = step) -> torch.Tensor:
-            ref_opt.zero_grad()
-            loss = loss_of(ref, step)
-            loss.backward()
-            next(ref.parameters()).grad.zero_()
-            torch.nn.utils.clip_grad_norm_(ref.parameters(), MAX_NORM)
-            return loss
-
+        closure, ref_closure = lbfgs_closures(
+            opt,
+            ours,
+            ref_opt,
+            ref,
+            step,
+            edit_ref_grads=lambda m: next(m.parameters()).grad.zero_(),
+            evaluations=evaluations,
+        )
         assert torch.equal(opt.step(closure), ref_opt.step(ref_closure))
     assert_same_params(ours, ref)
     assert evaluations[0] > 3  # the line search evaluated again, and the hook ran each time

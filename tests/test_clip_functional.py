@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import importlib
 import math
+import threading
 
 import pytest
 import torch
@@ -276,3 +277,36 @@ def test_by_norm_on_many_small_tensors_equals_torch_per_tensor(norm_type: float)
         torch.nn.utils.clip_grad_norm_([p], 2.0, norm_type=norm_type)
     for x, y in zip(ours, ref, strict=True):
         torch.testing.assert_close(x.grad, y.grad)
+
+
+def test_cpu_stacks_share_one_scratch_buffer_across_shapes_dtypes_and_inference_mode() -> None:
+    # the stacks of small tensors are views of one buffer a thread reuses; a fresh thread
+    # makes it inside inference mode first, then clips outside it, with the float64 and the
+    # float32 stacks and stacks larger than the buffer's first size (STACK_NUMEL) in one call
+    many = 2 * _tensors.STACK_NUMEL // (16 * 12) + 3
+    shapes = [(16, 12)] * many + [(5,)] * 30 + [(300, 300)]
+    params = random_params(shapes, seed=4, scale=1.0)
+    for p in params[::3]:
+        p.data = p.data.double()
+        p.grad = p.grad.double()
+    norms: list[torch.Tensor] = []
+
+    def clip_twice() -> None:
+        try:
+            with torch.inference_mode():
+                norms.append(_tensors.total_norm([p.grad for p in params]))
+            norms.append(by_global_norm_(params, max_norm=1e9))
+            norms.append(_tensors.per_tensor_norms([p.grad for p in params]))
+        except Exception as e:  # reported in the main thread
+            norms.append(e)  # type: ignore[arg-type]
+
+    each = torch.stack([torch.linalg.vector_norm(p.grad.double()) for p in params])
+    expected = torch.linalg.vector_norm(each)
+    worker = threading.Thread(target=clip_twice)
+    worker.start()
+    worker.join()
+    assert all(isinstance(n, torch.Tensor) for n in norms), norms
+    # float32 sums of a few hundred thousand squares: float32 rounding against float64
+    for total in norms[:2]:
+        torch.testing.assert_close(total.double(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(norms[2].double(), each, rtol=1e-5, atol=0)

@@ -396,3 +396,40 @@ def test_state_lives_on_the_gradients_device() -> None:
     p.grad = torch.zeros(2, device="meta")
     rule([p])
     assert all(t.device.type == "meta" for t in rule.state_dict().values())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [*STATEFUL, AGC, lambda: GlobalNorm(1.0)],
+    ids=["autoclip", "zclip", "adagc", "chain", "agc", "global_norm"],
+)
+def test_a_first_call_under_inference_mode_leaves_a_rule_usable_outside_it(
+    make: Callable[[], Rule],
+) -> None:
+    # the state (and AGC's plan) made on the first call must not be inference tensors, or
+    # every later in-place update outside inference mode raises
+    rng = np.random.default_rng(2)
+    scales = rng.lognormal(size=8)
+    first, plain = make(), make()
+    for step, s in enumerate(scales):
+        a, b = params_with_grads(step, float(s)), params_with_grads(step, float(s))
+        if step == 0:
+            with torch.inference_mode():
+                sa: ClipStats = first(a)
+        else:
+            sa = first(a)
+        sb: ClipStats = plain(b)
+        assert torch.equal(sa.threshold, sb.threshold)
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x.grad, y.grad)
+
+
+def test_a_state_loaded_under_inference_mode_is_usable_outside_it() -> None:
+    original = AutoClip(history=4)
+    for step in range(3):
+        original(params_with_grads(step))
+    resumed = AutoClip(history=4)
+    with torch.inference_mode():
+        resumed.load_state_dict(original.state_dict())
+    a, b = params_with_grads(7), params_with_grads(7)
+    assert torch.equal(original(a).threshold, resumed(b).threshold)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
+import threading
 from collections.abc import Iterable
 
 import torch
@@ -183,6 +184,26 @@ def _norm(t: Tensor, p: float) -> Tensor:
     return _dot_norm(t) if _dot_ok(t, p) else torch.linalg.vector_norm(t, p)
 
 
+_SCRATCH = threading.local()
+
+
+def scratch(numel: int, dtype: torch.dtype) -> Tensor:
+    """A CPU buffer of ``numel`` elements that this thread reuses for every stack of ``dtype``.
+
+    A stack lives only until it is reduced, so one buffer serves them all, and it stays in
+    cache. A fresh 4 MB allocation per stack goes to the system allocator, which returns it to
+    the system and takes it back, page by page, in some processes and not in others: about 2x
+    on the norm of 2000 small tensors. Made outside inference mode, so it can be written in
+    and out of it.
+    """
+    buffers: dict[torch.dtype, Tensor] = _SCRATCH.__dict__.setdefault("buffers", {})
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < numel:
+        with torch.inference_mode(False):
+            buf = buffers[dtype] = torch.empty(max(numel, STACK_NUMEL), dtype=dtype)
+    return buf[:numel]
+
+
 def _cpu_norms(tensors: list[Tensor], p: float, *, each: bool) -> list[Tensor]:
     """CPU norms with small tensors of one shape stacked into a single reduction.
 
@@ -210,7 +231,9 @@ def _cpu_norms(tensors: list[Tensor], p: float, *, each: bool) -> list[Tensor]:
         parts.append(_dot_norm(tensors[i]))
         order.append(i)
     for group in stacks:
-        stacked = torch.stack([tensors[i] for i in group])
+        first = tensors[group[0]]
+        stacked = scratch(len(group) * first.numel(), first.dtype).view(len(group), *first.shape)
+        torch.stack([tensors[i] for i in group], out=stacked)
         if each:
             parts.extend(torch.linalg.vector_norm(stacked.flatten(1), p, dim=1).unbind())
             order.extend(group)

@@ -101,10 +101,14 @@ class StatefulRule(Rule):
         raise NotImplementedError
 
     def _state_on(self, device: torch.device) -> dict[str, Tensor]:
+        # made outside inference mode, so a first call under torch.inference_mode() leaves
+        # state that later calls outside it can still update in place
         if not self._state:
-            self._state = self._fresh_state(device)
+            with torch.inference_mode(False):
+                self._state = self._fresh_state(device)
         elif next(iter(self._state.values())).device != device:
-            self._state = {k: v.to(device) for k, v in self._state.items()}
+            with torch.inference_mode(False):
+                self._state = {k: v.to(device) for k, v in self._state.items()}
         return self._state
 
     def state_dict(self) -> dict[str, Any]:
@@ -123,7 +127,8 @@ class StatefulRule(Rule):
             ok = isinstance(value, Tensor) and (like.dim() == 0) == (value.dim() == 0)
             check(ok, f"{field}[{key!r}]", type(value).__name__, "a tensor saved by this rule")
             self._check_loaded(key, value, like)
-            state[key] = value.detach().clone().to(like.dtype)
+            with torch.inference_mode(False):
+                state[key] = value.detach().clone().to(like.dtype)
         self._state = state
 
     def _check_loaded(self, key: str, value: Tensor, like: Tensor) -> None:

@@ -158,7 +158,9 @@ class UnitPlan:
             t = grads[index[0]]
             segments.setdefault((t.device, t.dtype), []).append(index)
         self.leads = [(g[0], _layout(grads[g[0]])) for groups in segments.values() for g in groups]
-        self.segments = [self._segment(groups, grads) for groups in segments.values()]
+        # buffers made outside inference mode can be written in and out of it
+        with torch.inference_mode(False):
+            self.segments = [self._segment(groups, grads) for groups in segments.values()]
 
     def fits(self, params: Sequence[Tensor], grads: list[Tensor]) -> bool:
         """Whether the plan serves ``params`` and their ``grads``: the same parameter objects

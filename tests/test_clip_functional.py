@@ -310,3 +310,16 @@ def test_cpu_stacks_share_one_scratch_buffer_across_shapes_dtypes_and_inference_
     for total in norms[:2]:
         torch.testing.assert_close(total.double(), expected, rtol=1e-5, atol=0)
     torch.testing.assert_close(norms[2].double(), each, rtol=1e-5, atol=0)
+
+
+def test_agc_plan_stacks_every_small_group_in_one_buffer_and_lone_tensors_in_none() -> None:
+    grads = [p.grad for p in random_params([(8, 4)] * 5 + [(3,)] * 7 + [(200, 200)], 0, 1.0)]
+    plan = unitwise.UnitPlan(grads)
+    (segment,) = plan.segments
+    groups = [g for chunk in segment.chunks for g in chunk.groups]
+    stacks = {g.g_stack.untyped_storage().data_ptr() for g in groups if g.g_stack is not None}
+    assert len(stacks) == 1  # weights and gradients of both groups share one scratch buffer
+    (buffer,) = {g.g_stack.untyped_storage().nbytes() for g in groups if g.g_stack is not None}
+    assert buffer == 5 * 8 * 4 * 4  # the largest stack (float32), not the lone 200 x 200 tensor
+    alone = unitwise.UnitPlan([p.grad for p in random_params([(200, 200)] * 2, 0, 1.0)])
+    assert all(g.g_stack is None for c in alone.segments[0].chunks for g in c.groups)

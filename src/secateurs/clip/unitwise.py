@@ -197,10 +197,10 @@ class UnitPlan:
             offsets.append(offsets[-1] + u)
 
         step = SLICE_UNITS if cpu else max(1, offsets[-1])
+        stacked = [len(index) * grads[index[0]].numel() for index in groups if len(index) > 1]
         scratch = None
-        if cpu:
-            largest = max(len(index) * grads[index[0]].numel() for index in groups)
-            scratch = torch.empty(largest, dtype=first.dtype, device=first.device)
+        if cpu and stacked:
+            scratch = torch.empty(max(stacked), dtype=first.dtype, device=first.device)
         chunks = []
         for span in spans:
             built: list[_Group] = []

@@ -37,8 +37,8 @@ from secateurs.errors import SecateursError
 
 # elements per chunk on the CPU (2 MB of float32 gradients): the chunk's gradients, and the
 # one scratch buffer its small tensors are stacked into, are still in cache when they are
-# scaled, right after their norms were taken (1.10-1.15x GlobalNorm on the benchmark's 2000
-# small tensors, against 1.17-1.22x with 4 MB and 1.13-1.16x with 1 MB)
+# scaled, right after their norms were taken (on the benchmark's 2000 small tensors, paired
+# runs had 4 MB chunks about 5% and 1 MB chunks about 2% slower)
 CHUNK_NUMEL = 1 << 19
 # units per slice of per-unit arithmetic on the CPU: under ATen's grain size (32768), so it
 # runs serially (on a busy machine a parallel kernel can wait for its second thread longer

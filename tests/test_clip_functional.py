@@ -141,7 +141,8 @@ def test_agc_matches_hand_computed_values() -> None:
 
 def reference_agc(w: torch.Tensor, g: torch.Tensor, clipping: float, eps: float) -> torch.Tensor:
     """Row-by-row loop, the plainest reading of Brock et al.'s formula."""
-    rows_w = w.reshape(w.shape[0], -1) if w.dim() > 1 else w.reshape(1, -1)
+    units = (w.shape[0], math.prod(w.shape[1:])) if w.dim() > 1 else (1, w.numel())
+    rows_w = w.reshape(units)
     rows_g = g.reshape(rows_w.shape).clone()
     for i in range(rows_g.shape[0]):
         bound = clipping * max(rows_w[i].norm().item(), eps)
@@ -323,3 +324,41 @@ def test_agc_plan_stacks_every_small_group_in_one_buffer_and_lone_tensors_in_non
     assert buffer == 5 * 8 * 4 * 4  # the largest stack (float32), not the lone 200 x 200 tensor
     alone = unitwise.UnitPlan([p.grad for p in random_params([(200, 200)] * 2, 0, 1.0)])
     assert all(g.g_stack is None for c in alone.segments[0].chunks for g in c.groups)
+
+
+EMPTY_SHAPES = [(0, 10), (0, 10), (10, 0), (0,), (0,), (2, 0, 3, 3)]
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_empty_gradients_add_nothing_to_any_norm(norm_type: float) -> None:
+    # torch's clip_grad_norm_ refuses the inf-norm of an empty tensor; ours counts it as 0,
+    # so the reference is torch on the non-empty tensors alone (stacked and lone ones both)
+    shapes = [*EMPTY_SHAPES, (8, 5), (8, 5), (8,), (200, 200)]
+    ours = random_params(shapes, seed=6, scale=1.0)
+    ref = [p for p in clone(ours) if p.numel()]
+    norm = by_global_norm_(ours, max_norm=1.0, norm_type=norm_type)
+    torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(ref, 1.0, norm_type))
+    for x, y in zip([p for p in ours if p.numel()], ref, strict=True):
+        torch.testing.assert_close(x.grad, y.grad)
+    ours, ref = clone(ours), [p for p in clone(ours) if p.numel()]
+    by_norm_(ours, max_norm=0.5, norm_type=norm_type)
+    for p in ref:
+        torch.nn.utils.clip_grad_norm_([p], 0.5, norm_type=norm_type)
+    for x, y in zip([p for p in ours if p.numel()], ref, strict=True):
+        torch.testing.assert_close(x.grad, y.grad)
+
+
+def test_all_empty_gradients_have_norm_zero() -> None:
+    for norm_type in NORM_TYPES:
+        params = random_params(EMPTY_SHAPES, seed=0, scale=1.0)
+        assert torch.equal(by_global_norm_(params, 1.0, norm_type=norm_type), torch.zeros(()))
+        assert torch.equal(by_norm_(params, 1.0, norm_type=norm_type), torch.zeros(()))
+
+
+def test_agc_on_empty_tensors_matches_a_row_loop_on_the_others() -> None:
+    params = random_params([*EMPTY_SHAPES, (6, 4), (6, 4), (6,)], seed=7, scale=0.5)
+    expected = [reference_agc(p.detach(), p.grad, 0.02, 1e-3) for p in params]
+    agc_(params, clipping=0.02)
+    for p, e in zip(params, expected, strict=True):
+        assert p.grad.shape == e.shape
+        torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-7)

@@ -23,6 +23,7 @@ META = torch.device("meta")
 
 def meta_params() -> list[torch.nn.Parameter]:
     shapes = [(16, 8), (16,), (4, 3, 3, 3), (4,), (70000,)] + [(8, 4), (8,)] * 3  # some stacked
+    shapes += [(0, 8), (0, 8), (0,)]  # empty ones take their own path for inf-norms
     params = []
     for s in shapes:
         p = torch.nn.Parameter(torch.empty(s, device=META))

@@ -433,3 +433,39 @@ def test_a_state_loaded_under_inference_mode_is_usable_outside_it() -> None:
         resumed.load_state_dict(original.state_dict())
     a, b = params_with_grads(7), params_with_grads(7)
     assert torch.equal(original(a).threshold, resumed(b).threshold)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        AGC,
+        AutoClip,
+        lambda: ZClip(warmup_steps=3),
+        lambda: AdaGC(warmup_steps=2),
+        lambda: GlobalNorm(1.0, norm_type="inf"),
+        lambda: Norm(0.5, norm_type="inf"),
+        lambda: Value(0.3),
+    ],
+    ids=["agc", "autoclip", "zclip", "adagc", "global_inf", "norm_inf", "value"],
+)
+def test_empty_parameters_change_nothing(make: Callable[[], Rule]) -> None:
+    # a model with zero-size parameters (a layer pruned to no units, an empty shard) clips
+    # its other parameters exactly as the same model without them
+    with_empty, without = make(), make()
+    for step in range(6):
+        plain = params_with_grads(step, scale=float(2**step))
+        empty = []
+        for shape in [(0, 4), (0, 4), (6, 0), (0,)]:
+            p = torch.nn.Parameter(torch.zeros(shape))
+            p.grad = torch.zeros(shape)
+            empty.append(p)
+        copies = [torch.nn.Parameter(p.detach().clone()) for p in plain]
+        for c, p in zip(copies, plain, strict=True):
+            c.grad = p.grad.clone()
+        a: ClipStats = with_empty(empty[:2] + copies[:2] + empty[2:] + copies[2:])
+        b: ClipStats = without(plain)
+        torch.testing.assert_close(a.norm_before, b.norm_before)
+        torch.testing.assert_close(a.norm_after, b.norm_after)
+        assert torch.equal(a.clipped, b.clipped)
+        for c, p in zip(copies, plain, strict=True):
+            torch.testing.assert_close(c.grad, p.grad)

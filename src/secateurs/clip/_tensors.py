@@ -62,6 +62,7 @@ def has_dtensor(tensors: list[Tensor]) -> bool:
 
 
 _IS_CPU = operator.attrgetter("is_cpu")
+_NUMEL = operator.methodcaller("numel")
 
 
 def is_dense_cpu(tensors: list[Tensor]) -> bool:
@@ -258,6 +259,12 @@ def total_norm(tensors: list[Tensor], norm_type: float = 2.0, *, cpu: bool | Non
     """
     if not tensors:
         return torch.zeros(())
+    if norm_type == math.inf and not all(map(_NUMEL, tensors)):
+        # an empty tensor adds nothing to the largest |element|, but ATen refuses its inf-norm
+        kept = [t for t in tensors if t.numel()]
+        if not kept:
+            return torch.zeros((), dtype=tensors[0].dtype, device=tensors[0].device)
+        return total_norm(kept, norm_type, cpu=cpu)
     if is_dense_cpu(tensors) if cpu is None else cpu:
         parts = _cpu_norms(tensors, norm_type, each=False)
         return parts[0] if len(parts) == 1 else combine_norms(torch.stack(parts), norm_type)
@@ -267,6 +274,15 @@ def total_norm(tensors: list[Tensor], norm_type: float = 2.0, *, cpu: bool | Non
 @torch.no_grad()
 def per_tensor_norms(tensors: list[Tensor], norm_type: float = 2.0) -> Tensor:
     """Vector of the p-norm of each tensor, in order, on the first tensor's device."""
+    if norm_type == math.inf and not all(map(_NUMEL, tensors)):
+        # the inf-norm of an empty tensor is 0 (see total_norm)
+        kept = [t for t in tensors if t.numel()]
+        if not kept:
+            return torch.zeros(len(tensors), dtype=tensors[0].dtype, device=tensors[0].device)
+        norms = per_tensor_norms(kept, norm_type)
+        found = iter(norms.unbind())
+        zero = norms.new_zeros(())
+        return torch.stack([next(found) if t.numel() else zero for t in tensors])
     if is_dense_cpu(tensors):
         return torch.stack(_cpu_norms(tensors, norm_type, each=True))
     first = tensors[0].device

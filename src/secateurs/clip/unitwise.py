@@ -25,6 +25,7 @@ same; on a model with thousands of small tensors that saves most of the per-tens
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -242,7 +243,7 @@ class UnitPlan:
             g_stack, w_stack = torch.empty((2, k, *t.shape), dtype=t.dtype, device=t.device)
         else:
             g_stack = w_stack = scratch[: k * t.numel()].view(k, *t.shape)
-        rows = k * _units(t), -1
+        rows = k * _units(t), math.prod(t.shape[1:]) if t.dim() > 1 else t.numel()
         stacks = g_stack, w_stack, g_stack.view(rows), w_stack.view(rows)
         return _Group(_taker(index), g_out, w_out, dims, *stacks)
 

@@ -19,6 +19,7 @@ from secateurs.clip import (
     clamp_params_,
     unitwise,
 )
+from secateurs.errors import SecateursError
 
 NORM_TYPES = [1.0, 2.0, math.inf]
 
@@ -362,3 +363,20 @@ def test_agc_on_empty_tensors_matches_a_row_loop_on_the_others() -> None:
     for p, e in zip(params, expected, strict=True):
         assert p.grad.shape == e.shape
         torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "clip",
+    [
+        lambda ps: by_global_norm_(ps, 1.0),
+        lambda ps: by_norm_(ps, 1.0),
+        lambda ps: by_value_(ps, 1.0),
+        lambda ps: agc_(ps),
+    ],
+    ids=["by_global_norm_", "by_norm_", "by_value_", "agc_"],
+)
+def test_a_sparse_gradient_is_a_clear_error(clip: object) -> None:
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4, sparse=True), torch.nn.Linear(4, 2))
+    model(torch.tensor([1, 3, 3])).sum().backward()
+    with pytest.raises(SecateursError, match=r"params\[0\]\.grad: got a torch\.sparse_coo"):
+        clip(model.parameters())  # type: ignore[operator]  # a generator, as users pass it

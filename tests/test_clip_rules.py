@@ -22,6 +22,7 @@ from secateurs.clip import (
     Value,
     ZClip,
     agc_,
+    wrap,
 )
 from secateurs.errors import SecateursError
 
@@ -469,3 +470,41 @@ def test_empty_parameters_change_nothing(make: Callable[[], Rule]) -> None:
         assert torch.equal(a.clipped, b.clipped)
         for c, p in zip(copies, plain, strict=True):
             torch.testing.assert_close(c.grad, p.grad)
+
+
+def sparse_embedding_params() -> list[torch.nn.Parameter]:
+    """A dense Linear after an Embedding(sparse=True): the second parameter's grad is sparse."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Embedding(10, 4, sparse=True))
+    model[1](torch.tensor([1, 3, 3])).sum().backward()
+    model[0].weight.grad = torch.ones(4, 4)
+    model[0].bias.grad = torch.ones(4)
+    return [model[0].weight, model[1].weight, model[0].bias]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [AGC, AutoClip, ZClip, AdaGC, lambda: GlobalNorm(1.0), lambda: Norm(1.0), lambda: Value(1.0)],
+    ids=["agc", "autoclip", "zclip", "adagc", "global_norm", "norm", "value"],
+)
+def test_a_sparse_gradient_is_a_clear_error_naming_the_parameter(make: Callable[[], Rule]) -> None:
+    params = sparse_embedding_params()
+    assert params[1].grad.layout == torch.sparse_coo
+    with pytest.raises(SecateursError, match=r"params\[1\]\.grad: got a torch\.sparse_coo"):
+        make()(params)
+
+
+def test_a_sparse_gradient_in_a_wrapped_step_is_a_clear_error() -> None:
+    params = sparse_embedding_params()
+    optimizer = wrap(torch.optim.SGD(params, lr=0.1), GlobalNorm(1.0))
+    with pytest.raises(SecateursError, match=r"params\[1\]\.grad: .*sparse"):
+        optimizer.step()
+
+
+def test_other_failures_of_a_rule_pass_unchanged() -> None:
+    class Broken(GlobalNorm):
+        def clip(self, params: list[torch.Tensor]) -> ClipStats:
+            raise RuntimeError("not about sparsity")
+
+    with pytest.raises(RuntimeError, match="not about sparsity"):  # all gradients dense
+        Broken(1.0)(params_with_grads(0))

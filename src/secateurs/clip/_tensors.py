@@ -9,16 +9,19 @@ is done on the local shards, which is the same as scaling the DTensor by a repli
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import operator
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Concatenate, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _device_has_foreach_support
 
-from secateurs.errors import check
+from secateurs.errors import SecateursError, check
 
 Params = Tensor | Iterable[Tensor]
 """One tensor or an iterable of tensors (usually ``model.parameters()``)."""
@@ -50,6 +53,46 @@ def with_grad(params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         return params, grads  # type: ignore[return-value]
     kept = [p for p, g in zip(params, grads, strict=True) if g is not None]
     return kept, [g for g in grads if g is not None]
+
+
+@contextlib.contextmanager
+def dense_grads_only(params: list[Tensor]) -> Iterator[None]:
+    """Turn a failure caused by a sparse gradient among ``params`` into a clear error.
+
+    Looked for only after something failed (a layout check of every gradient on every step
+    would cost as much as clipping a small model), so a sparse gradient gets this message
+    instead of ATen's missing-kernel error; other errors pass unchanged.
+    """
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as e:
+        for i, p in enumerate(params):
+            g = p.grad
+            if g is not None and g.layout != torch.strided:
+                raise SecateursError(
+                    f"params[{i}].grad: got a {g.layout} gradient; allowed: dense "
+                    "(torch.strided) gradients; like torch.nn.utils.clip_grad_norm_, clipping "
+                    "does not take sparse ones (nn.Embedding(sparse=True) makes them)"
+                ) from e
+        raise
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def dense_grads(
+    fn: Callable[Concatenate[list[Tensor], _P], _R],
+) -> Callable[Concatenate[Params, _P], _R]:
+    """Decorate a clip function taking ``params`` first (see :func:`dense_grads_only`)."""
+
+    @functools.wraps(fn)
+    def call(params: Params, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        params = as_list(params)
+        with dense_grads_only(params):
+            return fn(params, *args, **kwargs)
+
+    return call
 
 
 def is_dtensor(t: Tensor) -> bool:

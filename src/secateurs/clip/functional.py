@@ -25,6 +25,7 @@ from secateurs.clip._tensors import (
     check_positive,
     clip_coefficient,
     combine_norms,
+    dense_grads,
     is_dense_cpu,
     local,
     per_tensor_norms,
@@ -52,6 +53,7 @@ def _clamp_(tensors: list[Tensor], low: float | None, high: float | None) -> Non
                 t.clamp_(min=low, max=high)
 
 
+@dense_grads
 @torch.no_grad()
 def by_value_(params: Params, clip_value: float) -> Tensor:
     """Clamp every gradient element into ``[-clip_value, clip_value]``.
@@ -71,6 +73,7 @@ def by_value_(params: Params, clip_value: float) -> Tensor:
     return norm
 
 
+@dense_grads
 @torch.no_grad()
 def by_norm_(params: Params, max_norm: float, *, norm_type: float | str = 2.0) -> Tensor:
     """Scale each gradient on its own so that its p-norm is at most ``max_norm``.
@@ -88,6 +91,7 @@ def by_norm_(params: Params, max_norm: float, *, norm_type: float | str = 2.0) -
     return combine_norms(norms, p)
 
 
+@dense_grads
 @torch.no_grad()
 def by_global_norm_(params: Params, max_norm: float, *, norm_type: float | str = 2.0) -> Tensor:
     """Scale all gradients together so that their joint p-norm is at most ``max_norm``.
@@ -111,6 +115,7 @@ def by_global_norm_(params: Params, max_norm: float, *, norm_type: float | str =
     return norm
 
 
+@dense_grads
 @torch.no_grad()
 def agc_(params: Params, clipping: float = 0.01, *, eps: float = 1e-3) -> Tensor:
     """Adaptive gradient clipping, unit-wise (Brock et al. 2021, "High-Performance Large-Scale

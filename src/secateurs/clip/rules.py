@@ -33,6 +33,7 @@ from secateurs.clip._tensors import (
     clip_coefficient,
     combine_norms,
     constant,
+    dense_grads_only,
     is_dense_cpu,
     per_tensor_norms,
     scale_,
@@ -67,7 +68,8 @@ class Rule:
             if not any(p.grad is not None for p in params):
                 device = params[0].device if params else torch.device("cpu")
                 return ClipStats.unclipped(torch.zeros((), device=device))
-            return self.clip(params)
+            with dense_grads_only(params):
+                return self.clip(params)
 
     def clip(self, params: list[Tensor]) -> ClipStats:
         """Clip; ``params`` is a list where at least one tensor has a ``.grad``."""

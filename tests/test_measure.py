@@ -68,3 +68,12 @@ def test_latency_runs_without_building_a_graph() -> None:
 def test_bad_latency_settings_are_refused(field: str, kwargs: dict) -> None:
     with pytest.raises(SecateursError, match=f"{field}: got"):
         measure_latency(nn.Linear(2, 2), torch.zeros(1, 2), **kwargs)
+
+
+def test_docstring_examples_run() -> None:
+    import doctest
+
+    import secateurs.measure
+
+    result = doctest.testmod(secateurs.measure, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted > 0

@@ -41,6 +41,41 @@ def test_flops_per_layer_scale_with_density():
     assert report.sparse_flops == report.flops - (first.flops - first.sparse_flops)
 
 
+@pytest.mark.parametrize("batch", [1, 8])
+def test_flops_are_per_example_whatever_the_batch(batch: int) -> None:
+    # torch_pruning divides its total by the batch but not its per-module counts: unscaled,
+    # a batch of 8 gave 8x the layer FLOPs of a total they must add up to (negative savings)
+    model = nn.Sequential(nn.Linear(16, 32, bias=False), nn.ReLU(), nn.Linear(32, 4, bias=False))
+    with torch.no_grad():
+        model[0].weight[:, :8] = 0
+    report = sparsity_report(model, torch.zeros(batch, 16))
+    first, second = report.layers
+    assert (first.flops, first.sparse_flops) == (16 * 32, 16 * 32 // 2)
+    assert second.flops == second.sparse_flops == 32 * 4
+    assert report.flops == 16 * 32 + 32 + 32 * 4  # the ReLU's 32 outputs counted too
+    assert report.sparse_flops == report.flops - 16 * 32 // 2
+
+
+def test_recurrent_flops_are_per_token_like_count_macs() -> None:
+    import torch_pruning.utils.op_counter as op_counter
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(5, 6, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lstm(x)[0]
+
+    op_counter.CUSTOM_MODULES_MAPPING = {}  # as Torch-Pruning leaves it after any count
+    report = sparsity_report(Encoder(), torch.zeros(3, 7, 5))
+    ih, hh = report.layers
+    per_token = 4 * 6 * (5 + 6) + 2 * 4 * 6  # as test_measure's hand count
+    assert ih.flops + hh.flops == pytest.approx(7 * per_token, abs=1)
+    assert ih.flops / hh.flops == pytest.approx(5 / 6, rel=1e-2)  # shared by weight size
+    assert report.flops == 7 * per_token
+
+
 def test_report_of_a_pruned_zoo_model_matches_the_pruner():
     for name in ("seed-cnn", "lstm", "transformer"):
         torch.manual_seed(0)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from secateurs.measure import count_macs_by_module
 from secateurs.prune.masks import Target, find_targets
 
 __all__ = ["LayerSparsity", "SparsityReport", "sparsity_report"]
@@ -104,12 +105,11 @@ def _count(value: int | None) -> str:
 
 
 def _layer_flops(model: nn.Module, example_inputs: Any, targets: list[Target]) -> tuple[int, dict[str, int]]:
-    """Dense FLOPs attributed to each target: its module's count, shared by the module's targeted
+    """Dense FLOPs (multiply-accumulates, as Torch-Pruning and fvcore count them) of one example,
+    in total and attributed to each target: its module's count, shared by the module's targeted
     weights in proportion to their size (e.g. an LSTM's ih/hh weights, an attention block's
     in_proj and out_proj, whose count torch_pruning reports on the attention module)."""
-    import torch_pruning as tp
-
-    total_flops, _, per_module, _ = tp.utils.count_ops_and_params(model, example_inputs, layer_wise=True)
+    total_flops, per_module = count_macs_by_module(model, example_inputs)
     modules = dict(model.named_modules())
 
     def owner(target: Target) -> str | None:
@@ -130,11 +130,11 @@ def _layer_flops(model: nn.Module, example_inputs: Any, targets: list[Target]) -
             groups.setdefault(key, []).append(target)
     out: dict[str, int] = {}
     for key, members in groups.items():
-        total = int(per_module[modules[key]])
+        total = per_module[modules[key]]
         weight = sum(t.numel for t in members)
         for t in members:
             out[t.name] = round(total * t.numel / weight)
-    return int(total_flops), out
+    return total_flops, out
 
 
 @torch.no_grad()

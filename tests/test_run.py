@@ -100,10 +100,16 @@ def test_config_toml_repeats_the_run(quick_run: tuple[Path, dict], tmp_path: Pat
 
 
 def test_report_md_has_before_after_and_per_layer_tables(quick_run: tuple[Path, dict]) -> None:
-    out, _ = quick_run
+    out, report = quick_run
     text = (out / "report.md").read_text()
     assert "| test accuracy |" in text and "## Per-layer sparsity" in text
     assert "features.0" in text
+    layers = report["prune"]["layers"]
+    # the MACs left if zeros were skipped: every layer's dense MACs times its density
+    kept = sum(row["flops"] * (1 - row["sparsity"]) for row in layers["layers"])
+    assert layers["sparse_flops"] == pytest.approx(layers["flops"] - sum(r["flops"] for r in layers["layers"]) + kept, abs=len(layers["layers"]))
+    assert 0 < layers["sparse_flops"] < layers["flops"] == report["final"]["macs"]
+    assert f"| MACs if zero weights were skipped | {report['dense']['macs']:,} | {layers['sparse_flops']:,} |" in text
 
 
 @pytest.mark.parametrize(

@@ -131,6 +131,18 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
+def _sparse_macs_row(dense: Mapping[str, Any], prune_report: Mapping[str, Any]) -> list[str]:
+    """The MACs left if kernels skipped the zeroed weights (unstructured pruning only: after
+    structured pruning the MACs row already counts the smaller model)."""
+    sparse = prune_report["layers"].get("sparse_flops")
+    if prune_report["kind"] != "unstructured" or sparse is None:
+        return []
+    return [
+        f"| MACs if zero weights were skipped | {dense['macs']:,} | {sparse:,} | "
+        f"{dense['macs'] / max(sparse, 1):.2f}x fewer |"
+    ]
+
+
 def markdown(report: Mapping[str, Any]) -> str:
     """report.md: the before/after table, clipping, and per-layer sparsity."""
     d, f, c, p = report["dense"], report["final"], report["clip"], report["prune"]
@@ -149,6 +161,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"| non-zero parameters | {d['params']:,} | {f['nonzero_params']:,} | {f['compression_ratio']:.1f}x fewer |",
         f"| prunable weights at zero | 0.00% | {_pct(f['sparsity'])} | |",
         f"| MACs | {d['macs']:,} | {f['macs']:,} | {d['macs'] / max(f['macs'], 1):.2f}x fewer |",
+        *_sparse_macs_row(d, p),
         f"| checkpoint bytes | {d['checkpoint_bytes']:,} | {f['checkpoint_bytes']:,} | {d['checkpoint_bytes'] / max(f['checkpoint_bytes'], 1):.1f}x smaller |",
         f"| CPU latency (ms, batch {32}) | {d['latency_ms']:.3f} | {f['latency_ms']:.3f} | |",
         "",

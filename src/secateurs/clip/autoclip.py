@@ -34,16 +34,13 @@ def percentile(sorted_values: Tensor, count: Tensor, q: float) -> Tensor:
     """numpy's linear-interpolation percentile ``q`` (0..100) of ``sorted_values[:count]``.
 
     ``count`` is a 0-d integer tensor (so the call needs no host read); the result is ``inf``
-    when ``count`` is 0.
+    when ``count`` is 0. ``torch.lerp`` interpolates from the nearer end, as numpy's ``_lerp``
+    does, which keeps the result monotone.
     """
-    pos = (count - 1).clamp(min=0).to(sorted_values.dtype) * (q / 100.0)
+    pos = (count - 1).clamp(min=0) * (q / 100.0)
     lo = pos.floor()
-    hi = pos.ceil()
-    a = sorted_values.index_select(0, lo.long().view(1)).view(())
-    b = sorted_values.index_select(0, hi.long().view(1)).view(())
-    t = pos - lo
-    # numpy's _lerp: interpolate from the nearer end, which keeps the result monotone
-    value = torch.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)
+    a, b = sorted_values.index_select(0, torch.stack([lo, pos.ceil()]).long())
+    value = torch.lerp(a, b, (pos - lo).to(sorted_values.dtype))
     return torch.where(count > 0, value, torch.inf)
 
 
@@ -91,12 +88,13 @@ class AutoClip(StatefulRule):
         st = self._state_on(norm.device)
         hist, count, head = st["history"], st["count"], st["head"]
 
-        finite = torch.isfinite(norm)
+        value = norm.to(hist.dtype).view(1)
+        finite = value < torch.inf  # a norm is >= 0 or NaN: this is isfinite in one kernel
         slot = head.view(1)
-        old = hist.index_select(0, slot)
-        hist.index_copy_(0, slot, torch.where(finite, norm.float().view(1), old))
-        head.copy_(torch.where(finite, (head + 1) % self.history, head))
-        count.copy_(torch.where(finite, torch.clamp(count + 1, max=self.history), count))
+        hist.index_copy_(0, slot, torch.where(finite, value, hist.index_select(0, slot)))
+        advance = finite.view(()).long()  # 0 on a non-finite step: head and count stay
+        head.add_(advance).remainder_(self.history)
+        count.add_(advance).clamp_(max=self.history)
 
         threshold = percentile(torch.sort(hist).values, count, self.percentile)
         coef = clip_coefficient(norm, threshold)

@@ -87,18 +87,20 @@ class ZClip(StatefulRule):
         st = self._state_on(norm.device)
         buf, seen, mean, var = st["warmup"], st["seen"], st["mean"], st["var"]
         g = norm.float()
-        finite = torch.isfinite(g)
+        finite = g < torch.inf  # a norm is >= 0 or NaN: this is isfinite in one kernel
         warming = seen < self.warmup_steps
+        active = ~warming
 
         # spike test against the statistics of previous steps
         std = var.sqrt()
-        z = (g - mean) / (std + self.eps)
-        spike = (~warming) & (z > self.z_thresh)
+        spread = std + self.eps
+        z = (g - mean) / spread
+        spike = (z > self.z_thresh) & active
         if self.clip_option == "adaptive_scaling":
             target = mean + self.z_thresh**2 * std / z
         else:
             target = mean
-        trigger = torch.where(warming, torch.inf, mean + self.z_thresh * (std + self.eps))
+        trigger = torch.where(warming, torch.inf, mean + self.z_thresh * spread)
         threshold = torch.where(spike, target, torch.inf)
         if self.max_norm is not None:
             threshold = torch.clamp(threshold, max=self.max_norm)
@@ -110,16 +112,16 @@ class ZClip(StatefulRule):
         collect = warming & finite
         slot = seen.clamp(max=self.warmup_steps - 1).view(1)
         buf.index_copy_(0, slot, torch.where(collect, g.view(1), buf.index_select(0, slot)))
-        seen.copy_(seen + collect.long())
+        seen.add_(collect.long())
         start = collect & (seen == self.warmup_steps)
-        init_mean = buf.mean()
-        init_var = (buf - init_mean).square().mean()
+        init_var, init_mean = torch.var_mean(buf, correction=0)
 
-        # EMA update after warm-up, with the clipped norm g*
+        # EMA update after warm-up, with the clipped norm g*: lerp(x, y, 1 - alpha) is
+        # alpha * x + (1 - alpha) * y
         g_eff = torch.where(spike, target, g)
-        new_mean = self.alpha * mean + (1 - self.alpha) * g_eff
-        new_var = self.alpha * var + (1 - self.alpha) * (g_eff - new_mean).square()
-        update = (~warming) & finite
+        new_mean = torch.lerp(mean, g_eff, 1 - self.alpha)
+        new_var = torch.lerp(var, (g_eff - new_mean).square(), 1 - self.alpha)
+        update = finite & active
         mean.copy_(torch.where(start, init_mean, torch.where(update, new_mean, mean)))
         var.copy_(torch.where(start, init_var, torch.where(update, new_var, var)))
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+from test_clip_functional import clone, random_params
 
 from secateurs.clip import (
     AGC,
@@ -455,14 +456,8 @@ def test_empty_parameters_change_nothing(make: Callable[[], Rule]) -> None:
     with_empty, without = make(), make()
     for step in range(6):
         plain = params_with_grads(step, scale=float(2**step))
-        empty = []
-        for shape in [(0, 4), (0, 4), (6, 0), (0,)]:
-            p = torch.nn.Parameter(torch.zeros(shape))
-            p.grad = torch.zeros(shape)
-            empty.append(p)
-        copies = [torch.nn.Parameter(p.detach().clone()) for p in plain]
-        for c, p in zip(copies, plain, strict=True):
-            c.grad = p.grad.clone()
+        empty = random_params([(0, 4), (0, 4), (6, 0), (0,)], seed=step, scale=1.0)
+        copies = clone(plain)
         a: ClipStats = with_empty(empty[:2] + copies[:2] + empty[2:] + copies[2:])
         b: ClipStats = without(plain)
         torch.testing.assert_close(a.norm_before, b.norm_before)

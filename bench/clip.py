@@ -13,7 +13,10 @@ parallel kernel waits for its second thread to be scheduled (a cost per kernel, 
 
 ``--device cuda`` runs the same on a GPU, timing each call from a synchronised start to a
 synchronised end (the no-clip target is for the CPU only: off the CPU the factor is always
-applied, since skipping it would need a host read of the norm).
+applied, since skipping it would need a host read of the norm). There it also times, without
+a target, the paths the GPU defaults replace: AutoClip and ZClip with their bookkeeping run
+eagerly instead of replayed as a CUDA graph, and AGC tensor by tensor instead of as one Triton
+kernel (see ``secateurs.clip._graphs`` and ``secateurs.clip._agc_fused``).
 
     PYTHONPATH=src python bench/clip.py [--rounds 25] [--threads 2] [--clock wall|cpu]
                                         [--device cpu|cuda]
@@ -30,6 +33,7 @@ from collections.abc import Callable
 import torch
 
 from secateurs.clip import AGC, AutoClip, GlobalNorm, ZClip, by_global_norm_
+from secateurs.clip.unitwise import UnitPlan
 
 
 def resnet_like_shapes() -> list[tuple[int, ...]]:
@@ -141,10 +145,21 @@ def main() -> None:
         no_clip = 2.0 * gs.norm  # non-clipping case
         # stateful rules start from a short history so their thresholds are in the clipping range
         autoclip, zclip = AutoClip(), ZClip(warmup_steps=5)
-        for rule in (autoclip, zclip):
+        eager_autoclip, eager_zclip = AutoClip(), ZClip(warmup_steps=5)
+        for rule in (autoclip, zclip, eager_autoclip, eager_zclip):
             for _ in range(6):
                 gs.reset()
                 rule(gs.params)
+        extra: dict[str, Callable] = {}
+        if args.device == "cuda":
+            eager_autoclip._update.enabled = eager_zclip._update.enabled = False
+            per_tensor = AGC()
+            per_tensor._plan = UnitPlan([p.grad for p in gs.params], gs.params, fused=False)
+            extra = {
+                "AutoClip (eager update)": eager_autoclip,
+                "ZClip (eager update)": eager_zclip,
+                "AGC (per tensor)": per_tensor,
+            }
         contenders = {
             "torch clip_grad_norm_ (clip)": torch_clip(clip_to),
             "by_global_norm_ (clip)": ours_clip(clip_to),
@@ -154,6 +169,7 @@ def main() -> None:
             "AutoClip": autoclip,
             "ZClip": zclip,
             "AGC": AGC(),
+            **extra,
         }
         times = run(gs, contenders, args.rounds, clock)
         comparisons = [
@@ -173,6 +189,10 @@ def main() -> None:
                 f"{label:<10} {a:<28} {b:<28} {ta:9.2f} {tb:8.2f} {ratio:6.2f}  <= {target:.2f} {ok}"
             )
             results.append(ratio <= target)
+        for a in extra:
+            ratio = paired_ratio(times, a, "GlobalNorm")
+            ta, tb = statistics.median(times[a]) * 1e3, statistics.median(times["GlobalNorm"]) * 1e3
+            print(f"{label:<10} {a:<28} {'GlobalNorm':<28} {ta:9.2f} {tb:8.2f} {ratio:6.2f}  (no target)")
     missed = results.count(False)
     print(
         f"{len(results) - missed}/{len(results)} targets met"

@@ -9,6 +9,7 @@ same property everywhere.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -196,3 +197,60 @@ def test_grad_scaler_unscales_before_the_wrapper_clips_on_cuda() -> None:
             s.update()
     for a, b in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["autoclip", "zclip"])
+def test_graphed_threshold_update_equals_the_eager_one_through_nan_resume_and_copy(
+    method: str,
+) -> None:
+    """AutoClip/ZClip replay their bookkeeping as a CUDA graph (secateurs.clip._graphs): the
+    same thresholds and gradients as the eager update, through a NaN step, a state_dict load
+    (new state tensors: captured again) and a deepcopy (which captures its own graph)."""
+    kwargs = {"warmup_steps": 3} if method == "zclip" else {"history": 8}
+    graphed, eager = build(method, **kwargs), build(method, **kwargs)
+    eager._update.enabled = False
+    with no_sync():
+        for step in range(30):
+            scale = 1.0 + 4.0 * (step % 7 == 6)
+            gpu = cuda_params(seed=step, scale=scale)
+            ref = [torch.nn.Parameter(p.detach().clone()) for p in gpu]
+            for p, q in zip(gpu, ref, strict=True):
+                q.grad = p.grad.clone()
+            if step == 12:
+                gpu[0].grad[0, 0] = math.nan
+                ref[0].grad[0, 0] = math.nan
+            if step == 18:  # resume both from the eager rule's state
+                saved = eager.state_dict()
+                graphed.load_state_dict(saved)
+                eager.load_state_dict(saved)
+            if step == 24:
+                graphed = copy.deepcopy(graphed)
+            got, want = graphed(gpu), eager(ref)
+            for field in ("norm_before", "norm_after", "threshold", "clipped"):
+                a, b = getattr(got, field), getattr(want, field)
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=0, equal_nan=True)
+            for p, q in zip(gpu, ref, strict=True):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0, equal_nan=True)
+    assert graphed._update.replays > 0 and eager._update.replays == 0
+    # stats of earlier steps are copies, not the graph's output buffers
+    first = graphed(cuda_params(seed=100))
+    kept = first.threshold.clone()
+    graphed(cuda_params(seed=101, scale=50.0))
+    assert torch.equal(first.threshold, kept)
+
+
+def test_agc_on_cuda_runs_as_one_triton_kernel_per_dtype_when_triton_is_installed() -> None:
+    pytest.importorskip("triton")
+    from secateurs.clip.unitwise import _Segment
+
+    rule = build("agc")
+    gpu = cuda_params(scale=0.5)
+    cpu = cpu_copy(gpu)
+    with no_sync():
+        for _ in range(3):  # the first call compiles the kernel, later ones reuse the tables
+            stats = rule(gpu)
+            ref = build("agc")(cpu)
+    assert rule._plan is not None and not any(isinstance(s, _Segment) for s in rule._plan.segments)
+    torch.testing.assert_close(stats.norm_after.cpu(), ref.norm_after, rtol=1e-5, atol=0)
+    for a, b in zip(gpu, cpu, strict=True):
+        torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-5, atol=1e-7)

@@ -9,11 +9,13 @@ non-finite norms are not recorded, so one NaN step cannot poison the threshold.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from secateurs.clip._graphs import GraphedUpdate
 from secateurs.clip._tensors import (
     check_norm_type,
     clip_coefficient,
@@ -72,6 +74,7 @@ class AutoClip(StatefulRule):
         self.percentile = float(percentile)
         self.history = history
         self.norm_type = check_norm_type(norm_type)
+        self._update = GraphedUpdate(self._threshold_update, self.method)
 
     def _fresh_state(self, device: torch.device) -> dict[str, Tensor]:
         return {
@@ -85,9 +88,17 @@ class AutoClip(StatefulRule):
         _, grads = with_grad(params)
         cpu = is_dense_cpu(grads)
         norm = total_norm(grads, self.norm_type, cpu=cpu)
-        st = self._state_on(norm.device)
-        hist, count, head = st["history"], st["count"], st["head"]
+        coef, threshold, after, clipped = self._update(norm, self._state_on(norm.device))
+        scale_(grads, coef, cpu=cpu)
+        return ClipStats(norm, after, threshold, clipped)
 
+    def _threshold_update(self, norm: Tensor, st: Mapping[str, Tensor]) -> tuple[Tensor, ...]:
+        """Record ``norm``, take the percentile: (factor, threshold, norm after, clipped).
+
+        Writes only ``st`` and reads nothing but ``norm`` and ``st``, so on a GPU it runs as one
+        CUDA graph (:mod:`~secateurs.clip._graphs`).
+        """
+        hist, count, head = st["history"], st["count"], st["head"]
         value = norm.to(hist.dtype).view(1)
         finite = value < torch.inf  # a norm is >= 0 or NaN: this is isfinite in one kernel
         slot = head.view(1)
@@ -98,8 +109,7 @@ class AutoClip(StatefulRule):
 
         threshold = percentile(torch.sort(hist).values, count, self.percentile)
         coef = clip_coefficient(norm, threshold)
-        scale_(grads, coef, cpu=cpu)
-        return ClipStats(norm, norm * coef, threshold, coef < 1.0)
+        return coef, threshold, norm * coef, coef < 1.0
 
     def _fields(self) -> dict[str, Any]:
         return {"percentile": self.percentile, "history": self.history, "norm_type": self.norm_type}

@@ -25,16 +25,23 @@ same; on a model with thousands of small tensors that saves most of the per-tens
 
 from __future__ import annotations
 
+import importlib
 import math
 import operator
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from secateurs.clip._tensors import has_dtensor, shape_groups
 from secateurs.errors import SecateursError
+
+if TYPE_CHECKING:
+    from secateurs.clip._agc_fused import FusedSegment
 
 # elements per chunk on the CPU (2 MB of float32 gradients): the chunk's gradients, and the
 # one scratch buffer its small tensors are stacked into, are still in cache when they are
@@ -45,6 +52,26 @@ CHUNK_NUMEL = 1 << 19
 # runs serially (on a busy machine a parallel kernel can wait for its second thread longer
 # than the arithmetic takes)
 SLICE_UNITS = 1 << 14
+
+
+# the kernel accumulates in float32, so float64 keeps the per-tensor path
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FUSED: list[ModuleType | None] = []  # the Triton module once imported, or None if it cannot be
+
+
+def _fused_module(required: bool) -> ModuleType | None:
+    """:mod:`secateurs.clip._agc_fused` (needs Triton), or None where Triton is missing."""
+    if not _FUSED:
+        try:
+            _FUSED.append(importlib.import_module("secateurs.clip._agc_fused"))
+        except Exception as exc:  # ImportError, or a Triton that cannot start
+            if not isinstance(exc, ImportError):
+                warnings.warn(f"agc: Triton is unusable ({exc}); AGC takes the per-tensor path",
+                              RuntimeWarning, stacklevel=4)  # fmt: skip
+            _FUSED.append(None)
+    if required and _FUSED[0] is None:
+        raise SecateursError("agc: fused=True needs Triton; allowed: fused=False or None")
+    return _FUSED[0]
 
 
 def _check_plain(grads: list[Tensor]) -> None:
@@ -150,7 +177,13 @@ class UnitPlan:
     four values per unit (the norms, the bound and the factor).
     """
 
-    def __init__(self, grads: list[Tensor], params: Sequence[Tensor] = ()) -> None:
+    def __init__(
+        self, grads: list[Tensor], params: Sequence[Tensor] = (), *, fused: bool | None = None
+    ) -> None:
+        """``fused``: handle each device and dtype with one Triton kernel
+        (:mod:`~secateurs.clip._agc_fused`): None (default) on CUDA when Triton is installed,
+        True everywhere (on the CPU only under ``TRITON_INTERPRET=1``), False never. Float64
+        tensors always take the per-tensor path (the kernel accumulates in float32)."""
         self.ids = tuple(map(id, params))
         segments: dict[tuple[torch.device, torch.dtype], list[list[int]]] = {}
         # on the CPU a stack of many small tensors is cut to chunk size too, so each piece is
@@ -159,9 +192,29 @@ class UnitPlan:
             t = grads[index[0]]
             segments.setdefault((t.device, t.dtype), []).append(index)
         self.leads = [(g[0], _layout(grads[g[0]])) for groups in segments.values() for g in groups]
+        self._groups = list(segments.values())
+        self._eager: dict[int, _Segment] = {}
         # buffers made outside inference mode can be written in and out of it
         with torch.inference_mode(False):
-            self.segments = [self._segment(groups, grads) for groups in segments.values()]
+            self.segments: list[_Segment | FusedSegment] = []
+            for k, ((device, dtype), groups) in enumerate(segments.items()):
+                wanted = dtype in _FUSED_DTYPES and (
+                    fused is True or (fused is None and device.type == "cuda")
+                )
+                module = _fused_module(required=fused is True) if wanted else None
+                if module is not None:
+                    index = sorted(i for group in groups for i in group)
+                    self.segments.append(module.FusedSegment(index, grads))
+                else:
+                    self.segments.append(self.eager(k, grads))
+
+    def eager(self, k: int, grads: list[Tensor]) -> _Segment:
+        """Segment ``k`` laid out for the per-tensor path (built on first use: a fused segment
+        needs it only for a step with a non-contiguous tensor)."""
+        if k not in self._eager:
+            with torch.inference_mode(False):
+                self._eager[k] = self._segment(self._groups[k], grads)
+        return self._eager[k]
 
     def fits(self, params: Sequence[Tensor], grads: list[Tensor]) -> bool:
         """Whether the plan serves ``params`` and their ``grads``: the same parameter objects
@@ -262,6 +315,44 @@ def _factors_(g: Tensor, bound: Tensor, factor: Tensor, exact: bool) -> None:
         torch.div(bound, g, out=factor).clamp_(max=1.0)
 
 
+def _clip_segment_(
+    segment: _Segment, params: list[Tensor], grads: list[Tensor], clipping: float, eps: float
+) -> None:
+    """The per-tensor path: unit norms group by group, factors, scaling chunk by chunk."""
+    norm = torch.linalg.vector_norm
+    exact = clipping * eps < 1e-6
+    for chunk in segment.chunks:
+        for group in chunk.groups:
+            if group.w_stack is None:  # one tensor: reduce it where it lies
+                (w,) = group.take(params)
+                norm(w, dim=group.dims, out=group.w_out)
+            else:  # small tensors: stacked, then reduced together
+                torch.stack(group.take(params), out=group.w_stack)
+                norm(group.w_rows, dim=1, out=group.w_out)
+    for w, bound in segment.slices:
+        torch.clamp(w, min=eps, out=bound).mul_(clipping)
+    for chunk in segment.chunks:
+        for group in chunk.groups:
+            if group.g_stack is None:
+                (g,) = group.take(grads)
+                norm(g, dim=group.dims, out=group.g_out)
+            else:
+                torch.stack(group.take(grads), out=group.g_stack)
+                norm(group.g_rows, dim=1, out=group.g_out)
+        for g, bound, factor in chunk.slices:
+            _factors_(g, bound, factor, exact)
+        if chunk.take is not None:
+            targets = chunk.take(grads)
+            if targets[0].device.type in ("cpu", "cuda"):
+                torch._foreach_mul_(targets, chunk.views)
+            else:
+                for t, f in zip(targets, chunk.views, strict=True):
+                    t.mul_(f)
+        for group, factors, stacked in chunk.restack:
+            group.g_stack.mul_(factors)
+            torch._foreach_copy_(group.take(grads), stacked)
+
+
 @torch.no_grad()
 def agc_apply_(
     params: list[Tensor],
@@ -276,51 +367,28 @@ def agc_apply_(
     of gradients at a time on the CPU), the gradients' unit norms, their factors, and the
     scaling while those gradients are still in cache. Memory traffic is one read of the
     weights and one read and write of the gradients. ``plan`` is a :class:`UnitPlan` of
-    ``grads``' layout to reuse; one is built if None.
+    ``grads``' layout to reuse; one is built if None. On CUDA with Triton installed each
+    device and dtype is one kernel instead (:mod:`~secateurs.clip._agc_fused`).
     """
     _check_plain(grads)
     if plan is None:
         plan = UnitPlan(grads)
-    norm = torch.linalg.vector_norm
-    exact = clipping * eps < 1e-6
-    for segment in plan.segments:
-        for chunk in segment.chunks:
-            for group in chunk.groups:
-                if group.w_stack is None:  # one tensor: reduce it where it lies
-                    (w,) = group.take(params)
-                    norm(w, dim=group.dims, out=group.w_out)
-                else:  # small tensors: stacked, then reduced together
-                    torch.stack(group.take(params), out=group.w_stack)
-                    norm(group.w_rows, dim=1, out=group.w_out)
-        for w, bound in segment.slices:
-            torch.clamp(w, min=eps, out=bound).mul_(clipping)
-        for chunk in segment.chunks:
-            for group in chunk.groups:
-                if group.g_stack is None:
-                    (g,) = group.take(grads)
-                    norm(g, dim=group.dims, out=group.g_out)
-                else:
-                    torch.stack(group.take(grads), out=group.g_stack)
-                    norm(group.g_rows, dim=1, out=group.g_out)
-            for g, bound, factor in chunk.slices:
-                _factors_(g, bound, factor, exact)
-            if chunk.take is not None:
-                targets = chunk.take(grads)
-                if targets[0].device.type in ("cpu", "cuda"):
-                    torch._foreach_mul_(targets, chunk.views)
-                else:
-                    for t, f in zip(targets, chunk.views, strict=True):
-                        t.mul_(f)
-            for group, factors, stacked in chunk.restack:
-                group.g_stack.mul_(factors)
-                torch._foreach_copy_(group.take(grads), stacked)
+    filled = []
+    for k, segment in enumerate(plan.segments):
+        if not isinstance(segment, _Segment) and segment.apply_(params, grads, clipping, eps):
+            filled.append(segment.buffers)
+            continue
+        segment = plan.eager(k, grads)
+        _clip_segment_(segment, params, grads, clipping, eps)
+        filled.append(segment.buffers)
 
+    norm = torch.linalg.vector_norm
     first = grads[0].device
     parts = []
     clipped = []
-    for segment in plan.segments:
-        buffers = segment.buffers.float()
-        gn, _, bound, factor = buffers.unbind(0)
+    for buffers in filled:
+        buffers = buffers.float()
+        gn, _, _, factor = buffers.unbind(0)
         both = norm(buffers, dim=1)  # the norms of gn and bound (and two unused)
         parts.append(torch.stack([both[0], norm(gn * factor), both[2]]).to(first))
         clipped.append((factor < 1.0).any().to(first))

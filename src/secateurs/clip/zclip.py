@@ -17,11 +17,13 @@ norms leave the statistics unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from secateurs.clip._graphs import GraphedUpdate
 from secateurs.clip._tensors import (
     check_positive,
     clip_coefficient,
@@ -71,6 +73,7 @@ class ZClip(StatefulRule):
         self.clip_option = clip_option
         self.max_norm = None if max_norm is None else check_positive(max_norm, "max_norm")
         self.eps = check_positive(eps, "eps")
+        self._update = GraphedUpdate(self._statistics_update, self.method)
 
     def _fresh_state(self, device: torch.device) -> dict[str, Tensor]:
         return {
@@ -84,7 +87,14 @@ class ZClip(StatefulRule):
         _, grads = with_grad(params)
         cpu = is_dense_cpu(grads)
         norm = total_norm(grads, cpu=cpu)
-        st = self._state_on(norm.device)
+        coef, trigger, after, clipped = self._update(norm, self._state_on(norm.device))
+        scale_(grads, coef, cpu=cpu)
+        return ClipStats(norm, after, trigger, clipped)
+
+    def _statistics_update(self, norm: Tensor, st: Mapping[str, Tensor]) -> tuple[Tensor, ...]:
+        """The factor for ``norm`` and the updated statistics: (factor, trigger, norm after,
+        clipped). Writes only ``st`` and reads nothing but ``norm`` and ``st``, so on a GPU it
+        runs as one CUDA graph (:mod:`~secateurs.clip._graphs`)."""
         buf, seen, mean, var = st["warmup"], st["seen"], st["mean"], st["var"]
         g = norm.float()
         finite = g < torch.inf  # a norm is >= 0 or NaN: this is isfinite in one kernel
@@ -106,7 +116,6 @@ class ZClip(StatefulRule):
             threshold = torch.clamp(threshold, max=self.max_norm)
             trigger = torch.clamp(trigger, max=self.max_norm)
         coef = clip_coefficient(norm, threshold)
-        scale_(grads, coef, cpu=cpu)
 
         # warm-up: collect, and initialise the EMA once the buffer is full
         collect = warming & finite
@@ -125,7 +134,7 @@ class ZClip(StatefulRule):
         mean.copy_(torch.where(start, init_mean, torch.where(update, new_mean, mean)))
         var.copy_(torch.where(start, init_var, torch.where(update, new_var, var)))
 
-        return ClipStats(norm, norm * coef, trigger, coef < 1.0)
+        return coef, trigger, norm * coef, coef < 1.0
 
     def _check_loaded(self, key: str, value: Tensor, like: Tensor) -> None:
         if key == "warmup":

@@ -1,0 +1,151 @@
+"""AGC for every tensor of one device and dtype in one Triton kernel launch.
+
+On a GPU the per-tensor path of :mod:`~secateurs.clip.unitwise` launches three kernels per
+tensor (weight unit norms, gradient unit norms, scaling), so a model with 62 weight tensors
+costs about 190 launches, which take longer than the arithmetic. Here one program handles one
+unit (a row of a Linear or RNN weight, an output channel of a Conv weight, a whole bias):
+it reads the unit's weights and gradients once to take both norms, computes the bound and the
+factor in float32, and scales the gradient row in place only when the factor is below one.
+The programs find their tensors through two tables of addresses (gradients, weights) and one
+table of units (tensor, offset, length), the layout the grouped-GEMM Triton tutorial uses.
+Memory traffic is one read of the weights and one read of the gradients, plus a read and a
+write of the rows that are clipped, so AGC costs what the issue's floor (about 1.33x a global
+norm clip) allows.
+
+The unit table depends only on the shapes, so it is built once per
+:class:`~secateurs.clip.unitwise.UnitPlan`; the address tables are uploaded again only when a
+tensor's address changes (a fresh ``.grad`` each step usually lands where the last one was),
+from pinned memory without a host sync. Tensors must be contiguous; otherwise the caller takes
+the per-tensor path for that step.
+
+Importing this module needs Triton (bundled with CUDA builds of PyTorch). With
+``TRITON_INTERPRET=1`` set before the import, the kernel runs on CPU tensors through Triton's
+interpreter, which is how the tests check it on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["FusedSegment"]
+
+_MAX_BLOCK = 2048
+
+
+@triton.jit
+def _agc_units(
+    g_ptrs,
+    w_ptrs,
+    unit_tensor,
+    unit_start,
+    unit_len,
+    out,
+    n_units,
+    clipping,
+    eps,
+    EXACT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    u = tl.program_id(0)
+    t = tl.load(unit_tensor + u)
+    start = tl.load(unit_start + u)
+    n = tl.load(unit_len + u)
+    elem = out.dtype.element_ty
+    g = tl.load(g_ptrs + t).to(tl.pointer_type(elem)) + start
+    w = tl.load(w_ptrs + t).to(tl.pointer_type(elem)) + start
+    lanes = tl.arange(0, BLOCK)
+    g_sq = tl.zeros([BLOCK], dtype=tl.float32)
+    w_sq = tl.zeros([BLOCK], dtype=tl.float32)
+    for off in range(0, n, BLOCK):
+        idx = off + lanes
+        keep = idx < n
+        x = tl.load(g + idx, mask=keep, other=0.0).to(tl.float32)
+        y = tl.load(w + idx, mask=keep, other=0.0).to(tl.float32)
+        g_sq += x * x
+        w_sq += y * y
+    g_norm = tl.sqrt(tl.sum(g_sq, axis=0))
+    w_norm = tl.sqrt(tl.sum(w_sq, axis=0))
+    bound = clipping * tl.maximum(w_norm, eps)
+    if EXACT:  # some bound may be under 1e-6: torch's formula, guarded by g < bound
+        factor = tl.where(g_norm < bound, 1.0, bound / tl.maximum(g_norm, 1e-6))
+    else:
+        factor = tl.minimum(bound / tl.maximum(g_norm, 1e-30), 1.0)  # bound >= 1e-6 here
+    tl.store(out + u, g_norm.to(elem))
+    tl.store(out + n_units + u, w_norm.to(elem))
+    tl.store(out + 2 * n_units + u, bound.to(elem))
+    tl.store(out + 3 * n_units + u, factor.to(elem))
+    if factor < 1.0:
+        for off in range(0, n, BLOCK):
+            idx = off + lanes
+            keep = idx < n
+            x = tl.load(g + idx, mask=keep, other=0.0)
+            tl.store(g + idx, (x.to(tl.float32) * factor).to(elem), mask=keep)
+
+
+def _units(t: Tensor) -> int:
+    return t.shape[0] if t.dim() > 1 else 1
+
+
+class FusedSegment:
+    """The tensors ``index`` (all of one device and dtype) of a gradient list, with the tables
+    the kernel reads and the ``[4, units]`` buffer it writes (gradient unit norms, weight unit
+    norms, bounds, factors), laid out as :class:`~secateurs.clip.unitwise.UnitPlan`'s."""
+
+    def __init__(self, index: Sequence[int], grads: Sequence[Tensor]) -> None:
+        self.index = tuple(index)
+        first = grads[self.index[0]]
+        self.device = first.device
+        tensors, starts, lengths = [], [], []
+        for position, i in enumerate(self.index):
+            t = grads[i]
+            units = _units(t)
+            length = t.numel() // units if units else 0
+            tensors += [position] * units
+            starts += [r * length for r in range(units)]
+            lengths += [length] * units
+        table = {"dtype": torch.int64, "device": self.device}
+        self.unit_tensor = torch.tensor(tensors, dtype=torch.int32, device=self.device)
+        self.unit_start = torch.tensor(starts, **table)
+        self.unit_len = torch.tensor(lengths, dtype=torch.int32, device=self.device)
+        self.units = len(tensors)
+        self.buffers = torch.ones((4, self.units), dtype=first.dtype, device=self.device)
+        self.block = min(_MAX_BLOCK, max(16, triton.next_power_of_2(max(lengths, default=1))))
+        self._g_ptrs = torch.zeros(len(self.index), **table)
+        self._w_ptrs = torch.zeros(len(self.index), **table)
+        self._g_key: list[int] = []
+        self._w_key: list[int] = []
+
+    def apply_(
+        self, params: Sequence[Tensor], grads: Sequence[Tensor], clipping: float, eps: float
+    ) -> bool:
+        """Clip this segment's gradients in place and fill :attr:`buffers`; False (nothing
+        done) when a gradient or weight is not contiguous."""
+        gs = [grads[i] for i in self.index]
+        ws = [params[i] for i in self.index]
+        if not all(t.is_contiguous() for t in (*gs, *ws)):
+            return False
+        self._g_key = self._upload(self._g_ptrs, gs, self._g_key)
+        self._w_key = self._upload(self._w_ptrs, ws, self._w_key)
+        if self.units:
+            exact = clipping * eps < 1e-6
+            _agc_units[(self.units,)](
+                self._g_ptrs, self._w_ptrs, self.unit_tensor, self.unit_start, self.unit_len,
+                self.buffers, self.units, clipping, eps, EXACT=exact, BLOCK=self.block,
+            )  # fmt: skip
+        return True
+
+    def _upload(self, table: Tensor, tensors: list[Tensor], key: list[int]) -> list[int]:
+        """Write the tensors' addresses into ``table`` if they moved; the new key."""
+        addresses = [t.data_ptr() for t in tensors]
+        if addresses != key:
+            host = torch.tensor(addresses, dtype=torch.int64)
+            if table.is_cuda:  # pinned, so the copy is asynchronous: no host sync
+                table.copy_(host.pin_memory(), non_blocking=True)
+            else:
+                table.copy_(host)
+        return addresses

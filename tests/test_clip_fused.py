@@ -1,0 +1,120 @@
+"""The one-kernel AGC (secateurs.clip._agc_fused) against the per-tensor path.
+
+On a GPU the kernel is compiled; here it runs through Triton's interpreter on CPU tensors
+(``TRITON_INTERPRET=1``, set before Triton is first imported in this process), so the same
+kernel source is checked on machines without a GPU. The per-tensor path is itself checked
+against a hand computation in test_clip_functional.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from secateurs.clip import AGC
+from secateurs.clip.unitwise import UnitPlan, _Segment, agc_apply_
+
+# Linear, bias, Conv, a 1-D tensor longer than one kernel block, a scalar, an empty tensor,
+# tensors with no units, and small tensors the per-tensor path stacks
+SHAPES = [(24, 12), (24,), (6, 4, 3, 3), (5000,), (), (0, 5), (3, 0), (8, 4), (8,), (8, 4), (8,)]
+
+
+def make(dtype: torch.dtype, grad_scale: float, seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    params = []
+    for s in SHAPES:
+        p = torch.nn.Parameter((torch.randn(s, generator=g) * 0.05).to(dtype))
+        # spread the units' gradient norms so some are clipped and some are not
+        rows = torch.rand(s[:1] if len(s) > 1 else (), generator=g) * 4
+        p.grad = (
+            torch.randn(s, generator=g)
+            * grad_scale
+            * rows.reshape(tuple(rows.shape) + (1,) * (len(s) - 1))
+        ).to(dtype)
+        params.append(p)
+    return params
+
+
+def twin(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    out = []
+    for p in params:
+        q = torch.nn.Parameter(p.detach().clone())
+        q.grad = p.grad.clone()
+        out.append(q)
+    return out
+
+
+def run(params: list[torch.nn.Parameter], clipping: float, eps: float, fused: bool):
+    grads = [p.grad for p in params]
+    plan = UnitPlan(grads, params, fused=fused)
+    return plan, agc_apply_(params, grads, clipping, eps, plan)
+
+
+TOL = {torch.float32: (1e-5, 1e-8), torch.float16: (2e-3, 1e-6), torch.bfloat16: (2e-2, 1e-5)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("clipping", "eps"), [(0.05, 1e-3), (1e-5, 1e-3)])
+def test_fused_agc_equals_the_per_tensor_path(
+    dtype: torch.dtype, clipping: float, eps: float
+) -> None:
+    # (1e-5, 1e-3): bounds under 1e-6, the exact formula; (0.05, 1e-3): min(1, bound / g)
+    fused = make(dtype, grad_scale=0.004)
+    eager = twin(fused)
+    plan, got = run(fused, clipping, eps, fused=True)
+    _, want = run(eager, clipping, eps, fused=False)
+    assert not any(isinstance(s, _Segment) for s in plan.segments)
+    rtol, atol = TOL[dtype]
+    for field in ("grad_norm", "clipped_norm", "threshold"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=rtol, atol=atol)
+    assert bool(got.clipped) and bool(want.clipped)
+    changed = 0
+    for p, q, before in zip(fused, eager, make(dtype, grad_scale=0.004), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=rtol, atol=atol)
+        changed += int(not torch.equal(p.grad, before.grad))
+    assert changed > 0  # some gradients were scaled
+
+
+def test_fused_plan_follows_gradients_that_move_and_falls_back_for_strided_ones() -> None:
+    params = make(torch.float32, grad_scale=0.004)
+    grads = [p.grad for p in params]
+    plan = UnitPlan(grads, params, fused=True)
+    rule_ref = twin(params)
+    for step in range(3):
+        fresh = make(torch.float32, grad_scale=0.004, seed=step + 1)
+        for p, f, r in zip(params, fresh, rule_ref, strict=True):
+            p.grad = f.grad.clone()  # new tensors at new addresses while the old ones live
+            r.grad = f.grad.clone()
+        if step == 2:  # a transposed gradient: this step takes the per-tensor path
+            params[0].grad = params[0].grad.t().contiguous().t()
+            assert not params[0].grad.is_contiguous()
+        grads = [p.grad for p in params]
+        assert plan.fits(params, grads)
+        got = agc_apply_(params, grads, 0.05, 1e-3, plan)
+        want = agc_apply_(
+            rule_ref,
+            [r.grad for r in rule_ref],
+            0.05,
+            1e-3,
+            UnitPlan([r.grad for r in rule_ref], fused=False),
+        )
+        torch.testing.assert_close(got.clipped_norm, want.clipped_norm, rtol=1e-5, atol=0)
+        for p, r in zip(params, rule_ref, strict=True):
+            torch.testing.assert_close(p.grad, r.grad, rtol=1e-5, atol=1e-8)
+        segment = plan.segments[0]
+        assert segment._g_key[1] == params[1].grad.data_ptr() or step == 2
+
+
+def test_float64_and_the_cpu_default_take_the_per_tensor_path() -> None:
+    params = make(torch.float64, grad_scale=0.004)
+    plan = UnitPlan([p.grad for p in params], params, fused=True)
+    assert all(isinstance(s, _Segment) for s in plan.segments)
+    rule = AGC()
+    rule(make(torch.float32, grad_scale=0.004))
+    assert rule._plan is not None and all(isinstance(s, _Segment) for s in rule._plan.segments)

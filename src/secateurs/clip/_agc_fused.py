@@ -26,6 +26,7 @@ interpreter, which is how the tests check it on machines without a GPU.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 import triton
@@ -133,10 +134,13 @@ class FusedSegment:
         self._w_key = self._upload(self._w_ptrs, ws, self._w_key)
         if self.units:
             exact = clipping * eps < 1e-6
-            _agc_units[(self.units,)](
-                self._g_ptrs, self._w_ptrs, self.unit_tensor, self.unit_start, self.unit_len,
-                self.buffers, self.units, clipping, eps, EXACT=exact, BLOCK=self.block,
-            )  # fmt: skip
+            # Triton launches on the current device: make it the tensors'
+            where = torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
+            with where:
+                _agc_units[(self.units,)](
+                    self._g_ptrs, self._w_ptrs, self.unit_tensor, self.unit_start, self.unit_len,
+                    self.buffers, self.units, clipping, eps, EXACT=exact, BLOCK=self.block,
+                )  # fmt: skip
         return True
 
     def _upload(self, table: Tensor, tensors: list[Tensor], key: list[int]) -> list[int]:

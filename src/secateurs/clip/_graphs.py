@@ -91,10 +91,11 @@ class GraphedUpdate:
         graph = torch.cuda.CUDAGraph()
         current = torch.cuda.current_stream(x.device)
         side = torch.cuda.Stream(x.device)
+        with torch.inference_mode(False):  # the input is allocated on the stream that fills it
+            static = torch.empty_like(x)
         side.wait_stream(current)
         try:
             with torch.inference_mode(False), torch.cuda.device(x.device), torch.cuda.stream(side):
-                static = torch.empty_like(x)
                 graph.capture_begin(capture_error_mode="thread_local")
                 try:
                     outputs = self.update(static, state)

@@ -239,13 +239,21 @@ def test_graphed_threshold_update_equals_the_eager_one_through_nan_resume_and_co
     assert torch.equal(first.threshold, kept)
 
 
-def test_agc_on_cuda_runs_as_one_triton_kernel_per_dtype_when_triton_is_installed() -> None:
+def test_agc_on_cuda_runs_as_one_triton_kernel_when_triton_is_installed() -> None:
+    """Tensors mostly of their own shape go to the kernel; many small ones of two shapes
+    (stacked by the per-tensor path in a few launches) do not."""
     pytest.importorskip("triton")
-    from secateurs.clip.unitwise import _Segment
+    from secateurs.clip.unitwise import UnitPlan, _Segment
 
-    rule = build("agc")
-    gpu = cuda_params(scale=0.5)
+    shapes = [(64, 32), (64,), (16, 8, 3, 3), (16,), (70000,), (8, 4), (8,), (8, 4), (8,)]
+    g = torch.Generator().manual_seed(0)
+    gpu = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.randn(s, generator=g).cuda())
+        p.grad = (torch.randn(s, generator=g) * 0.5).cuda()
+        gpu.append(p)
     cpu = cpu_copy(gpu)
+    rule = build("agc")
     with no_sync():
         for _ in range(3):  # the first call compiles the kernel, later ones reuse the tables
             stats = rule(gpu)
@@ -254,3 +262,6 @@ def test_agc_on_cuda_runs_as_one_triton_kernel_per_dtype_when_triton_is_installe
     torch.testing.assert_close(stats.norm_after.cpu(), ref.norm_after, rtol=1e-5, atol=0)
     for a, b in zip(gpu, cpu, strict=True):
         torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-5, atol=1e-7)
+    many = cuda_params()  # 85 tensors in 7 groups
+    plan = UnitPlan([p.grad for p in many], many)
+    assert all(isinstance(s, _Segment) for s in plan.segments)

@@ -59,6 +59,18 @@ _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FUSED: list[ModuleType | None] = []  # the Triton module once imported, or None if it cannot be
 
 
+# the fused kernel's host cost grows with the tensors (their addresses are checked every step,
+# ~0.1 us each), the per-tensor path's with the groups (three launches, ~5 us each): on CUDA it
+# is fused unless most tensors are small ones stacked by shape (2000 small tensors in 2 shapes
+# take the stacked path; ResNet-50's 62 tensors in 54 groups, or any model of large weights,
+# the kernel)
+FUSED_MAX_TENSORS_PER_GROUP = 8
+
+
+def _fused_pays(groups: list[list[int]]) -> bool:
+    return sum(map(len, groups)) <= FUSED_MAX_TENSORS_PER_GROUP * len(groups)
+
+
 def _fused_module(required: bool) -> ModuleType | None:
     """:mod:`secateurs.clip._agc_fused` (needs Triton), or None where Triton is missing."""
     if not _FUSED:
@@ -181,8 +193,9 @@ class UnitPlan:
         self, grads: list[Tensor], params: Sequence[Tensor] = (), *, fused: bool | None = None
     ) -> None:
         """``fused``: handle each device and dtype with one Triton kernel
-        (:mod:`~secateurs.clip._agc_fused`): None (default) on CUDA when Triton is installed,
-        True everywhere (on the CPU only under ``TRITON_INTERPRET=1``), False never. Float64
+        (:mod:`~secateurs.clip._agc_fused`): None (default) on CUDA when Triton is installed
+        and the tensors are not mostly small ones of a few shapes (see
+        ``FUSED_MAX_TENSORS_PER_GROUP``), True everywhere (on the CPU only under ``TRITON_INTERPRET=1``), False never. Float64
         tensors always take the per-tensor path (the kernel accumulates in float32)."""
         self.ids = tuple(map(id, params))
         segments: dict[tuple[torch.device, torch.dtype], list[list[int]]] = {}
@@ -199,7 +212,8 @@ class UnitPlan:
             self.segments: list[_Segment | FusedSegment] = []
             for k, ((device, dtype), groups) in enumerate(segments.items()):
                 wanted = dtype in _FUSED_DTYPES and (
-                    fused is True or (fused is None and device.type == "cuda")
+                    fused is True
+                    or (fused is None and device.type == "cuda" and _fused_pays(groups))
                 )
                 module = _fused_module(required=fused is True) if wanted else None
                 if module is not None:

@@ -8,7 +8,12 @@ against a hand computation in test_clip_functional.py.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -118,3 +123,39 @@ def test_float64_and_the_cpu_default_take_the_per_tensor_path() -> None:
     rule = AGC()
     rule(make(torch.float32, grad_scale=0.004))
     assert rule._plan is not None and all(isinstance(s, _Segment) for s in rule._plan.segments)
+
+
+COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from secateurs.clip._agc_fused import _agc_units
+for elem in ("fp32", "bf16", "fp16"):
+    for exact in (True, False):
+        signature = {
+            "g_ptrs": "*i64", "w_ptrs": "*i64", "unit_tensor": "*i32", "unit_start": "*i64",
+            "unit_len": "*i32", "out": "*" + elem, "n_units": "i32", "clipping": "fp32",
+            "eps": "fp32", "EXACT": "constexpr", "BLOCK": "constexpr",
+        }
+        source = ASTSource(_agc_units, signature, constexprs={"EXACT": exact, "BLOCK": 1024})
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        assert kernel.asm["cubin"], (elem, exact)
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_the_kernel_compiles_for_an_h100_without_one() -> None:
+    """The interpreter does not check what the compiler rejects (types, control flow): compile
+    the kernel to a Hopper cubin with the ptxas that ships in Triton's wheel, in a process
+    without TRITON_INTERPRET."""
+    backends = Path(importlib.util.find_spec("triton").origin).parent / "backends" / "nvidia"
+    if not (backends / "bin" / "ptxas").exists():
+        pytest.skip("this Triton has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = tempfile.mkdtemp()
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]

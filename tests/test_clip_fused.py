@@ -116,6 +116,31 @@ def test_fused_plan_follows_gradients_that_move_and_falls_back_for_strided_ones(
         assert segment._g_key[1] == params[1].grad.data_ptr() or step == 2
 
 
+def test_fused_plan_takes_the_per_tensor_path_when_a_tensor_no_longer_matches_its_table() -> None:
+    """The kernel reads raw addresses, so a weight of another dtype or a tensor of another
+    shape (the second of a stacked pair, which the plan's own check does not look at) must
+    never reach it: the per-tensor path then clips right, or raises."""
+    params = make(torch.float32, grad_scale=0.004)
+    plan = UnitPlan([p.grad for p in params], params, fused=True)
+    ref = twin(params)
+    params[0].data = params[0].data.clone()  # a weight at a new address: the table follows
+    agc_apply_(params, [p.grad for p in params], 0.05, 1e-3, plan)
+    agc_apply_(ref, [r.grad for r in ref], 0.05, 1e-3, UnitPlan([r.grad for r in ref], fused=False))
+    for p, r in zip(params, ref, strict=True):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-5, atol=1e-8)
+    assert plan.segments[0]._w_key[0] == params[0].data_ptr()
+    params[0].data = params[0].data.double()  # float64 weight, float32 gradient
+    with pytest.raises(RuntimeError, match="dtype"):  # the per-tensor path's error
+        agc_apply_(params, [p.grad for p in params], 0.05, 1e-3, plan)
+    params[0].data = params[0].data.float()
+    params[9].data = torch.zeros(8, 2)  # the second (8, 4) tensor, with a gradient to match
+    params[9].grad = torch.ones(8, 2)
+    grads = [p.grad for p in params]
+    assert plan.fits(params, grads)  # the plan checks the first of each group only
+    with pytest.raises(RuntimeError):
+        agc_apply_(params, grads, 0.05, 1e-3, plan)
+
+
 def test_float64_and_the_cpu_default_take_the_per_tensor_path() -> None:
     params = make(torch.float64, grad_scale=0.004)
     plan = UnitPlan([p.grad for p in params], params, fused=True)

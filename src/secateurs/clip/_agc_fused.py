@@ -15,8 +15,9 @@ norm clip) allows.
 The unit table depends only on the shapes, so it is built once per
 :class:`~secateurs.clip.unitwise.UnitPlan`; the address tables are uploaded again only when a
 tensor's address changes (a fresh ``.grad`` each step usually lands where the last one was),
-from pinned memory without a host sync. Tensors must be contiguous; otherwise the caller takes
-the per-tensor path for that step.
+from pinned memory without a host sync. Every step first checks that each gradient and weight
+is contiguous and of the shape, dtype and device the tables were built for (the kernel reads
+raw addresses); otherwise the caller takes the per-tensor path for that step.
 
 Importing this module needs Triton (bundled with CUDA builds of PyTorch). With
 ``TRITON_INTERPRET=1`` set before the import, the kernel runs on CPU tensors through Triton's
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
+from operator import attrgetter
 
 import torch
 import triton
@@ -88,6 +90,10 @@ def _agc_units(
             tl.store(g + idx, (x.to(tl.float32) * factor).to(elem), mask=keep)
 
 
+_shape = attrgetter("shape")
+_dtype = attrgetter("dtype")
+
+
 def _units(t: Tensor) -> int:
     return t.shape[0] if t.dim() > 1 else 1
 
@@ -101,6 +107,9 @@ class FusedSegment:
         self.index = tuple(index)
         first = grads[self.index[0]]
         self.device = first.device
+        self.dtypes = {first.dtype}
+        self.devices = {first.get_device()}  # an index (-1: the CPU): cheaper than .device
+        self.shapes = [grads[i].shape for i in self.index]
         tensors, starts, lengths = [], [], []
         for position, i in enumerate(self.index):
             t = grads[i]
@@ -125,10 +134,12 @@ class FusedSegment:
         self, params: Sequence[Tensor], grads: Sequence[Tensor], clipping: float, eps: float
     ) -> bool:
         """Clip this segment's gradients in place and fill :attr:`buffers`; False (nothing
-        done) when a gradient or weight is not contiguous."""
+        done) unless every gradient and weight is contiguous and of the shape, dtype and device
+        the tables were built for (the kernel reads raw addresses: anything else would make it
+        read the wrong bytes)."""
         gs = [grads[i] for i in self.index]
         ws = [params[i] for i in self.index]
-        if not all(t.is_contiguous() for t in (*gs, *ws)):
+        if not self._usable(gs, ws):
             return False
         self._g_key = self._upload(self._g_ptrs, gs, self._g_key)
         self._w_key = self._upload(self._w_ptrs, ws, self._w_key)
@@ -143,9 +154,22 @@ class FusedSegment:
                 )  # fmt: skip
         return True
 
+    def _usable(self, gs: list[Tensor], ws: list[Tensor]) -> bool:
+        # map over C methods: about 0.3 us a tensor on a slow CPU, all checks together
+        return (
+            list(map(_shape, gs)) == self.shapes
+            and list(map(_shape, ws)) == self.shapes
+            and all(map(Tensor.is_contiguous, gs))
+            and all(map(Tensor.is_contiguous, ws))
+            and set(map(_dtype, gs)) == self.dtypes
+            and set(map(_dtype, ws)) == self.dtypes
+            and set(map(Tensor.get_device, gs)) == self.devices
+            and set(map(Tensor.get_device, ws)) == self.devices
+        )
+
     def _upload(self, table: Tensor, tensors: list[Tensor], key: list[int]) -> list[int]:
         """Write the tensors' addresses into ``table`` if they moved; the new key."""
-        addresses = [t.data_ptr() for t in tensors]
+        addresses = list(map(Tensor.data_ptr, tensors))
         if addresses != key:
             host = torch.tensor(addresses, dtype=torch.int64)
             if table.is_cuda:  # pinned, so the copy is asynchronous: no host sync

@@ -1,9 +1,9 @@
 """The one-kernel AGC (secateurs.clip._agc_fused) against the per-tensor path.
 
-On a GPU the kernel is compiled; here it runs through Triton's interpreter on CPU tensors
-(``TRITON_INTERPRET=1``, set before Triton is first imported in this process), so the same
-kernel source is checked on machines without a GPU. The per-tensor path is itself checked
-against a hand computation in test_clip_functional.py.
+The kernel runs through Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``), so its
+source is checked on machines without a GPU; another test compiles it for a Hopper GPU. On a machine with CUDA
+this module is skipped: test_clip_cuda.py runs the compiled kernel there. The per-tensor path
+is itself checked against a hand computation in test_clip_functional.py.
 """
 
 from __future__ import annotations
@@ -15,11 +15,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"
-
 import pytest
 import torch
 
+if torch.cuda.is_available():
+    pytest.skip("CUDA: test_clip_cuda.py runs the compiled kernel", allow_module_level=True)
+# Triton reads it when first imported, so it stays set in this process (on a machine without
+# CUDA nothing else here uses Triton)
+os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
 from secateurs.clip import AGC

@@ -90,6 +90,13 @@ def _agc_units(
             tl.store(g + idx, (x.to(tl.float32) * factor).to(elem), mask=keep)
 
 
+def _host(values: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``values`` in host memory to copy to ``device``: pinned for a GPU, so a copy with
+    ``non_blocking=True`` is asynchronous (from ordinary memory it would be a host sync)."""
+    host = torch.tensor(values, dtype=dtype)
+    return host.pin_memory() if device.type == "cuda" else host
+
+
 _shape = attrgetter("shape")
 _dtype = attrgetter("dtype")
 
@@ -119,9 +126,13 @@ class FusedSegment:
             starts += [r * length for r in range(units)]
             lengths += [length] * units
         table = {"dtype": torch.int64, "device": self.device}
-        self.unit_tensor = torch.tensor(tensors, dtype=torch.int32, device=self.device)
-        self.unit_start = torch.tensor(starts, **table)
-        self.unit_len = torch.tensor(lengths, dtype=torch.int32, device=self.device)
+
+        def upload(values: list[int], dtype: torch.dtype) -> Tensor:
+            return _host(values, dtype, self.device).to(self.device, non_blocking=True)
+
+        self.unit_tensor = upload(tensors, torch.int32)
+        self.unit_start = upload(starts, torch.int64)
+        self.unit_len = upload(lengths, torch.int32)
         self.units = len(tensors)
         self.buffers = torch.ones((4, self.units), dtype=first.dtype, device=self.device)
         self.block = min(_MAX_BLOCK, max(16, triton.next_power_of_2(max(lengths, default=1))))
@@ -141,8 +152,8 @@ class FusedSegment:
         ws = [params[i] for i in self.index]
         if not self._usable(gs, ws):
             return False
-        self._g_key = self._upload(self._g_ptrs, gs, self._g_key)
-        self._w_key = self._upload(self._w_ptrs, ws, self._w_key)
+        self._g_key = self._addresses(self._g_ptrs, gs, self._g_key)
+        self._w_key = self._addresses(self._w_ptrs, ws, self._w_key)
         if self.units:
             exact = clipping * eps < 1e-6
             # Triton launches on the current device: make it the tensors'
@@ -167,13 +178,9 @@ class FusedSegment:
             and set(map(Tensor.get_device, ws)) == self.devices
         )
 
-    def _upload(self, table: Tensor, tensors: list[Tensor], key: list[int]) -> list[int]:
+    def _addresses(self, table: Tensor, tensors: list[Tensor], key: list[int]) -> list[int]:
         """Write the tensors' addresses into ``table`` if they moved; the new key."""
         addresses = list(map(Tensor.data_ptr, tensors))
         if addresses != key:
-            host = torch.tensor(addresses, dtype=torch.int64)
-            if table.is_cuda:  # pinned, so the copy is asynchronous: no host sync
-                table.copy_(host.pin_memory(), non_blocking=True)
-            else:
-                table.copy_(host)
+            table.copy_(_host(addresses, torch.int64, self.device), non_blocking=True)
         return addresses

@@ -15,8 +15,9 @@ parallel kernel waits for its second thread to be scheduled (a cost per kernel, 
 synchronised end (the no-clip target is for the CPU only: off the CPU the factor is always
 applied, since skipping it would need a host read of the norm). There it also times, without
 a target, the paths the GPU defaults replace: AutoClip and ZClip with their bookkeeping run
-eagerly instead of replayed as a CUDA graph, and AGC tensor by tensor instead of as one Triton
-kernel (see ``secateurs.clip._graphs`` and ``secateurs.clip._agc_fused``).
+eagerly instead of replayed as a CUDA graph, and AGC both tensor by tensor and as one Triton
+kernel (the default picks one by the tensors' shapes; see ``secateurs.clip._graphs`` and
+``secateurs.clip._agc_fused``).
 
     PYTHONPATH=src python bench/clip.py [--rounds 25] [--threads 2] [--clock wall|cpu]
                                         [--device cpu|cuda]
@@ -33,7 +34,6 @@ from collections.abc import Callable
 import torch
 
 from secateurs.clip import AGC, AutoClip, GlobalNorm, ZClip, by_global_norm_
-from secateurs.clip.unitwise import UnitPlan
 
 
 def resnet_like_shapes() -> list[tuple[int, ...]]:
@@ -145,20 +145,19 @@ def main() -> None:
         no_clip = 2.0 * gs.norm  # non-clipping case
         # stateful rules start from a short history so their thresholds are in the clipping range
         autoclip, zclip = AutoClip(), ZClip(warmup_steps=5)
-        eager_autoclip, eager_zclip = AutoClip(), ZClip(warmup_steps=5)
+        eager_autoclip = AutoClip(cuda_graph=False)
+        eager_zclip = ZClip(warmup_steps=5, cuda_graph=False)
         for rule in (autoclip, zclip, eager_autoclip, eager_zclip):
             for _ in range(6):
                 gs.reset()
                 rule(gs.params)
         extra: dict[str, Callable] = {}
         if args.device == "cuda":
-            eager_autoclip._update.enabled = eager_zclip._update.enabled = False
-            per_tensor = AGC()
-            per_tensor._plan = UnitPlan([p.grad for p in gs.params], gs.params, fused=False)
             extra = {
                 "AutoClip (eager update)": eager_autoclip,
                 "ZClip (eager update)": eager_zclip,
-                "AGC (per tensor)": per_tensor,
+                "AGC (per tensor)": AGC(fused=False),
+                "AGC (kernel)": AGC(fused=True),
             }
         contenders = {
             "torch clip_grad_norm_ (clip)": torch_clip(clip_to),

@@ -207,8 +207,7 @@ def test_graphed_threshold_update_equals_the_eager_one_through_nan_resume_and_co
     same thresholds and gradients as the eager update, through a NaN step, a state_dict load
     (new state tensors: captured again) and a deepcopy (which captures its own graph)."""
     kwargs = {"warmup_steps": 3} if method == "zclip" else {"history": 8}
-    graphed, eager = build(method, **kwargs), build(method, **kwargs)
-    eager._update.enabled = False
+    graphed, eager = build(method, **kwargs), build(method, cuda_graph=False, **kwargs)
     with no_sync():
         for step in range(30):
             scale = 1.0 + 4.0 * (step % 7 == 6)

@@ -111,6 +111,9 @@ def test_bad_value_through_build_names_the_config_field() -> None:
         (lambda: AGC(clipping=-0.01), "clipping"),
         (lambda: AdaGC(beta=1.0), "beta"),
         (lambda: GlobalNorm(True), "max_norm"),  # bools are not numbers here
+        (lambda: AGC(fused="yes"), "fused"),
+        (lambda: AutoClip(cuda_graph=1), "cuda_graph"),
+        (lambda: ZClip(cuda_graph=None), "cuda_graph"),
     ],
 )
 def test_bad_rule_argument_raises_naming_the_field(make: Callable[[], object], field: str) -> None:
@@ -130,6 +133,7 @@ def test_percentile_of_100_is_allowed() -> None:
         (lambda p: by_norm_(p, 0.0), "max_norm"),
         (lambda p: by_value_(p, -2.0), "clip_value"),
         (lambda p: agc_(p, clipping=0.0), "clipping"),
+        (lambda p: agc_(p, fused=1), "fused"),
         (lambda p: clamp_params_(p, 1.0, -1.0), "min"),
         (lambda p: clamp_params_(p), "min/max"),
     ],
@@ -142,3 +146,11 @@ def test_bad_function_argument_raises_naming_the_field(
     with pytest.raises(SecateursError, match=rf"^{field}: got "):
         call([p])
     assert torch.equal(p.grad, torch.ones(2)) and torch.equal(p.detach(), torch.ones(2))
+
+
+def test_gpu_path_switches_show_in_the_repr_only_when_set_and_build_from_a_config() -> None:
+    assert repr(AGC()) == "AGC(clipping=0.01, eps=0.001)"
+    assert repr(build("agc", fused=False)) == "AGC(clipping=0.01, eps=0.001, fused=False)"
+    rule = build("autoclip", cuda_graph=False)
+    assert repr(rule).endswith("cuda_graph=False)") and not rule._update.enabled
+    assert "cuda_graph" not in repr(ZClip()) and ZClip()._update.enabled

@@ -142,6 +142,18 @@ def check_norm_type(norm_type: float | str, field: str = "norm_type") -> float:
     return p
 
 
+def check_optional_bool(value: object, field: str) -> bool | None:
+    """``value`` if it is True, False or None; else a SecateursError naming ``field``."""
+    check(value is None or isinstance(value, bool), field, value, "True, False or None")
+    return value  # type: ignore[return-value]
+
+
+def check_bool(value: object, field: str) -> bool:
+    """``value`` if it is True or False; else a SecateursError naming ``field``."""
+    check(isinstance(value, bool), field, value, "True or False")
+    return value  # type: ignore[return-value]
+
+
 def check_positive(value: object, field: str) -> float:
     """``value`` as a float > 0 (``inf`` allowed); SecateursError otherwise."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0

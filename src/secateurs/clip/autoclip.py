@@ -17,6 +17,7 @@ from torch import Tensor
 
 from secateurs.clip._graphs import GraphedUpdate
 from secateurs.clip._tensors import (
+    check_bool,
     check_norm_type,
     clip_coefficient,
     is_dense_cpu,
@@ -51,7 +52,9 @@ class AutoClip(StatefulRule):
     """Clip the global gradient norm to the ``percentile``-th percentile of its history.
 
     Defaults follow the paper (p = 10); the history is bounded to the last ``history`` steps.
-    The stats' ``threshold`` is that percentile (the current norm included).
+    The stats' ``threshold`` is that percentile (the current norm included). On CUDA the
+    threshold update is replayed as one CUDA graph from the second step on
+    (:mod:`~secateurs.clip._graphs`); ``cuda_graph=False`` runs it eagerly.
 
     >>> import torch
     >>> rule = AutoClip(percentile=50)
@@ -64,7 +67,12 @@ class AutoClip(StatefulRule):
     """
 
     def __init__(
-        self, *, percentile: float = 10.0, history: int = 1000, norm_type: float | str = 2.0
+        self,
+        *,
+        percentile: float = 10.0,
+        history: int = 1000,
+        norm_type: float | str = 2.0,
+        cuda_graph: bool = True,
     ) -> None:
         super().__init__()
         ok = isinstance(percentile, (int, float)) and not isinstance(percentile, bool)
@@ -74,7 +82,9 @@ class AutoClip(StatefulRule):
         self.percentile = float(percentile)
         self.history = history
         self.norm_type = check_norm_type(norm_type)
+        self.cuda_graph = check_bool(cuda_graph, "cuda_graph")
         self._update = GraphedUpdate(self._threshold_update, self.method)
+        self._update.enabled = self.cuda_graph
 
     def _fresh_state(self, device: torch.device) -> dict[str, Tensor]:
         return {
@@ -112,4 +122,9 @@ class AutoClip(StatefulRule):
         return coef, threshold, norm * coef, coef < 1.0
 
     def _fields(self) -> dict[str, Any]:
-        return {"percentile": self.percentile, "history": self.history, "norm_type": self.norm_type}
+        fields = {
+            "percentile": self.percentile,
+            "history": self.history,
+            "norm_type": self.norm_type,
+        }
+        return fields if self.cuda_graph else {**fields, "cuda_graph": False}

@@ -22,6 +22,7 @@ from secateurs.clip._tensors import (
     _groups,
     as_list,
     check_norm_type,
+    check_optional_bool,
     check_positive,
     clip_coefficient,
     combine_norms,
@@ -34,7 +35,7 @@ from secateurs.clip._tensors import (
     total_norm,
     with_grad,
 )
-from secateurs.clip.unitwise import agc_apply_
+from secateurs.clip.unitwise import UnitPlan, agc_apply_
 from secateurs.errors import check
 
 __all__ = ["agc_", "by_global_norm_", "by_norm_", "by_value_", "clamp_params_"]
@@ -117,7 +118,9 @@ def by_global_norm_(params: Params, max_norm: float, *, norm_type: float | str =
 
 @dense_grads
 @torch.no_grad()
-def agc_(params: Params, clipping: float = 0.01, *, eps: float = 1e-3) -> Tensor:
+def agc_(
+    params: Params, clipping: float = 0.01, *, eps: float = 1e-3, fused: bool | None = None
+) -> Tensor:
     """Adaptive gradient clipping, unit-wise (Brock et al. 2021, "High-Performance Large-Scale
     Image Recognition Without Normalization").
 
@@ -125,7 +128,9 @@ def agc_(params: Params, clipping: float = 0.01, *, eps: float = 1e-3) -> Tensor
     units are rows of Linear/RNN weights and output channels of Conv weights, and each 1-D
     parameter (bias, norm gain) is one unit (see :mod:`secateurs.clip.unitwise`). Brock et al.
     leave the final classifier layer unclipped: pass the parameters without it to do the same.
-    Returns the total 2-norm of the gradients before clipping.
+    Returns the total 2-norm of the gradients before clipping. ``fused`` picks the one-kernel
+    CUDA path as in :class:`~secateurs.clip.unitwise.UnitPlan` (the :class:`~secateurs.clip.AGC`
+    rule also keeps the layout it builds from step to step).
 
     >>> w = torch.nn.Parameter(torch.tensor([[1.0, 0.0], [0.0, 10.0]]))
     >>> w.grad = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
@@ -136,10 +141,11 @@ def agc_(params: Params, clipping: float = 0.01, *, eps: float = 1e-3) -> Tensor
     """
     lam = check_positive(clipping, "clipping")
     e = check_positive(eps, "eps")
+    check_optional_bool(fused, "fused")
     kept, grads = with_grad(as_list(params))
     if not grads:
         return torch.zeros(())
-    return agc_apply_(kept, grads, lam, e).grad_norm
+    return agc_apply_(kept, grads, lam, e, UnitPlan(grads, kept, fused=fused)).grad_norm
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ from secateurs.clip._tensors import (
     Params,
     as_list,
     check_norm_type,
+    check_optional_bool,
     check_positive,
     clip_coefficient,
     combine_norms,
@@ -226,7 +227,9 @@ class GlobalNorm(Rule):
 class AGC(Rule):
     """Adaptive gradient clipping, unit-wise (Brock et al. 2021); defaults from the paper.
 
-    See :func:`secateurs.clip.agc_` and :mod:`secateurs.clip.unitwise` for what a unit is.
+    See :func:`secateurs.clip.agc_` and :mod:`secateurs.clip.unitwise` for what a unit is, and
+    for ``fused`` (one Triton kernel on CUDA: None picks it where it pays, True always, False
+    never).
     ``threshold`` in the stats is the 2-norm of the per-unit bounds.
 
     The rule keeps the :class:`~secateurs.clip.unitwise.UnitPlan` of the last gradients it saw
@@ -235,20 +238,24 @@ class AGC(Rule):
     change and is not part of the state dict.
     """
 
-    def __init__(self, clipping: float = 0.01, *, eps: float = 1e-3) -> None:
+    def __init__(
+        self, clipping: float = 0.01, *, eps: float = 1e-3, fused: bool | None = None
+    ) -> None:
         self.clipping = check_positive(clipping, "clipping")
         self.eps = check_positive(eps, "eps")
+        self.fused = check_optional_bool(fused, "fused")
         self._plan: UnitPlan | None = None
 
     def clip(self, params: list[Tensor]) -> ClipStats:
         kept, grads = with_grad(params)
         if self._plan is None or not self._plan.fits(kept, grads):
-            self._plan = UnitPlan(grads, kept)
+            self._plan = UnitPlan(grads, kept, fused=self.fused)
         r = agc_apply_(kept, grads, self.clipping, self.eps, self._plan)
         return ClipStats(r.grad_norm, r.clipped_norm, r.threshold, r.clipped)
 
     def _fields(self) -> dict[str, Any]:
-        return {"clipping": self.clipping, "eps": self.eps}
+        fields = {"clipping": self.clipping, "eps": self.eps}
+        return fields if self.fused is None else {**fields, "fused": self.fused}
 
 
 class Chain(Rule):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib
 import math
 import operator
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,6 +70,11 @@ FUSED_MAX_TENSORS_PER_GROUP = 8
 
 def _fused_pays(groups: list[list[int]]) -> bool:
     return sum(map(len, groups)) <= FUSED_MAX_TENSORS_PER_GROUP * len(groups)
+
+
+def _interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _fused_module(required: bool) -> ModuleType | None:
@@ -192,11 +198,13 @@ class UnitPlan:
     def __init__(
         self, grads: list[Tensor], params: Sequence[Tensor] = (), *, fused: bool | None = None
     ) -> None:
-        """``fused``: handle each device and dtype with one Triton kernel
-        (:mod:`~secateurs.clip._agc_fused`): None (default) on CUDA when Triton is installed
+        """``fused`` (as in torch's optimizers): None (default) runs each CUDA device and
+        dtype as one Triton kernel (:mod:`~secateurs.clip._agc_fused`) when Triton is installed
         and the tensors are not mostly small ones of a few shapes (see
-        ``FUSED_MAX_TENSORS_PER_GROUP``), True everywhere (on the CPU only under ``TRITON_INTERPRET=1``), False never. Float64
-        tensors always take the per-tensor path (the kernel accumulates in float32)."""
+        ``FUSED_MAX_TENSORS_PER_GROUP``); True always does on CUDA (and raises without Triton),
+        and on the CPU too under ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests);
+        False never does. Float64 tensors take the per-tensor path (the kernel accumulates in
+        float32)."""
         self.ids = tuple(map(id, params))
         segments: dict[tuple[torch.device, torch.dtype], list[list[int]]] = {}
         # on the CPU a stack of many small tensors is cut to chunk size too, so each piece is
@@ -211,8 +219,9 @@ class UnitPlan:
         with torch.inference_mode(False):
             self.segments: list[_Segment | FusedSegment] = []
             for k, ((device, dtype), groups) in enumerate(segments.items()):
+                runs = device.type == "cuda" or _interpreting()
                 wanted = dtype in _FUSED_DTYPES and (
-                    fused is True
+                    (fused is True and runs)
                     or (fused is None and device.type == "cuda" and _fused_pays(groups))
                 )
                 module = _fused_module(required=fused is True) if wanted else None

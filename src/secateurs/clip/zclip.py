@@ -25,6 +25,7 @@ from torch import Tensor
 
 from secateurs.clip._graphs import GraphedUpdate
 from secateurs.clip._tensors import (
+    check_bool,
     check_positive,
     clip_coefficient,
     is_dense_cpu,
@@ -48,7 +49,9 @@ class ZClip(StatefulRule):
 
     Defaults are the paper's: ``alpha=0.97``, ``z_thresh=2.5``, ``warmup_steps=25``. The stats'
     ``threshold`` is the trigger ``mu + z_thresh * (sqrt(var) + eps)`` (``max_norm`` or inf
-    during warm-up); when it fires, the gradients are scaled to the lower ``g*`` above.
+    during warm-up); when it fires, the gradients are scaled to the lower ``g*`` above. On
+    CUDA the statistics update is replayed as one CUDA graph from the second step on
+    (:mod:`~secateurs.clip._graphs`); ``cuda_graph=False`` runs it eagerly.
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class ZClip(StatefulRule):
         clip_option: str = "adaptive_scaling",
         max_norm: float | None = None,
         eps: float = 1e-6,
+        cuda_graph: bool = True,
     ) -> None:
         super().__init__()
         ok = isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 < alpha < 1
@@ -73,7 +77,9 @@ class ZClip(StatefulRule):
         self.clip_option = clip_option
         self.max_norm = None if max_norm is None else check_positive(max_norm, "max_norm")
         self.eps = check_positive(eps, "eps")
+        self.cuda_graph = check_bool(cuda_graph, "cuda_graph")
         self._update = GraphedUpdate(self._statistics_update, self.method)
+        self._update.enabled = self.cuda_graph
 
     def _fresh_state(self, device: torch.device) -> dict[str, Tensor]:
         return {
@@ -152,4 +158,5 @@ class ZClip(StatefulRule):
             "clip_option": self.clip_option,
             "max_norm": self.max_norm,
             "eps": self.eps,
+            **({} if self.cuda_graph else {"cuda_graph": False}),
         }

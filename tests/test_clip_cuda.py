@@ -264,3 +264,24 @@ def test_agc_on_cuda_runs_as_one_triton_kernel_when_triton_is_installed() -> Non
     many = cuda_params()  # 85 tensors in 7 groups
     plan = UnitPlan([p.grad for p in many], many)
     assert all(isinstance(s, _Segment) for s in plan.segments)
+
+
+def test_adagc_with_parameters_without_gradients_runs_on_cuda_without_a_sync() -> None:
+    """The positions of the parameters that have gradients go to the GPU from pinned memory
+    (once per set of positions), not through a synchronising copy."""
+    rule, ref_rule = build("adagc", warmup_steps=2), build("adagc", warmup_steps=2)
+    for step in range(5):
+        gpu = cuda_params(seed=step)
+        gpu[1].grad = None
+        cpu = []
+        for p in gpu:
+            q = torch.nn.Parameter(p.detach().cpu())
+            q.grad = None if p.grad is None else p.grad.cpu()
+            cpu.append(q)
+        with no_sync():
+            stats = rule(gpu)
+        ref = ref_rule(cpu)
+        torch.testing.assert_close(stats.threshold.cpu(), ref.threshold, rtol=1e-5, atol=0)
+        for a, b in zip(gpu, cpu, strict=True):
+            if a.grad is not None:
+                torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-5, atol=1e-7)

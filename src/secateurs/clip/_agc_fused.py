@@ -35,6 +35,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from secateurs.clip._tensors import host_values, upload
+
 __all__ = ["FusedSegment"]
 
 _MAX_BLOCK = 2048
@@ -90,13 +92,6 @@ def _agc_units(
             tl.store(g + idx, (x.to(tl.float32) * factor).to(elem), mask=keep)
 
 
-def _host(values: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``values`` in host memory to copy to ``device``: pinned for a GPU, so a copy with
-    ``non_blocking=True`` is asynchronous (from ordinary memory it would be a host sync)."""
-    host = torch.tensor(values, dtype=dtype)
-    return host.pin_memory() if device.type == "cuda" else host
-
-
 _shape = attrgetter("shape")
 _dtype = attrgetter("dtype")
 
@@ -127,12 +122,9 @@ class FusedSegment:
             lengths += [length] * units
         table = {"dtype": torch.int64, "device": self.device}
 
-        def upload(values: list[int], dtype: torch.dtype) -> Tensor:
-            return _host(values, dtype, self.device).to(self.device, non_blocking=True)
-
-        self.unit_tensor = upload(tensors, torch.int32)
-        self.unit_start = upload(starts, torch.int64)
-        self.unit_len = upload(lengths, torch.int32)
+        self.unit_tensor = upload(tensors, torch.int32, self.device)
+        self.unit_start = upload(starts, torch.int64, self.device)
+        self.unit_len = upload(lengths, torch.int32, self.device)
         self.units = len(tensors)
         self.buffers = torch.ones((4, self.units), dtype=first.dtype, device=self.device)
         self.block = min(_MAX_BLOCK, max(16, triton.next_power_of_2(max(lengths, default=1))))
@@ -182,5 +174,5 @@ class FusedSegment:
         """Write the tensors' addresses into ``table`` if they moved; the new key."""
         addresses = list(map(Tensor.data_ptr, tensors))
         if addresses != key:
-            table.copy_(_host(addresses, torch.int64, self.device), non_blocking=True)
+            table.copy_(host_values(addresses, torch.int64, self.device), non_blocking=True)
         return addresses

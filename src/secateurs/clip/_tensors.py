@@ -125,6 +125,19 @@ def local(tensors: list[Tensor]) -> list[Tensor]:
     return [t.to_local() if is_dtensor(t) else t for t in tensors]
 
 
+def host_values(values: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``values`` in host memory, ready to copy to ``device``: pinned for a GPU, so that a copy
+    with ``non_blocking=True`` is asynchronous (from ordinary memory it waits for the device: a
+    host sync). torch's caching host allocator keeps the block until the copy is done."""
+    host = torch.tensor(values, dtype=dtype)
+    return host.pin_memory() if device.type == "cuda" else host
+
+
+def upload(values: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``values`` as a tensor on ``device`` without a host sync (see :func:`host_values`)."""
+    return host_values(values, dtype, device).to(device, non_blocking=True)
+
+
 def check_norm_type(norm_type: float | str, field: str = "norm_type") -> float:
     """``norm_type`` as a float p >= 1 (``inf`` or the string ``"inf"`` allowed)."""
     allowed = "a number >= 1, or inf"

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from secateurs.clip._tensors import check_positive, per_tensor_norms, scale_each_
+from secateurs.clip._tensors import check_positive, per_tensor_norms, scale_each_, upload
 from secateurs.clip.registry import register
 from secateurs.clip.rules import StatefulRule
 from secateurs.clip.stats import ClipStats
@@ -57,6 +57,7 @@ class AdaGC(StatefulRule):
         check(ok and warmup_steps >= 1, "warmup_steps", warmup_steps, "an integer >= 1")
         self.warmup_steps = warmup_steps
         self._size = 0
+        self._active: tuple[tuple[tuple[int, ...], torch.device], Tensor] | None = None
 
     def _fresh_state(self, device: torch.device) -> dict[str, Tensor]:
         return {
@@ -69,6 +70,13 @@ class AdaGC(StatefulRule):
             check(value.dim() == 1, "adagc.state_dict['gamma']", tuple(value.shape), "a vector")
         else:
             super()._check_loaded(key, value, like)
+
+    def _index(self, active: list[int], device: torch.device) -> Tensor:
+        """``active`` on ``device``, uploaded once per set of parameters with gradients."""
+        key = (tuple(active), device)
+        if self._active is None or self._active[0] != key:
+            self._active = key, upload(active, torch.long, device)
+        return self._active[1]
 
     def clip(self, params: list[Tensor]) -> ClipStats:
         active = [i for i, p in enumerate(params) if p.grad is not None]
@@ -86,7 +94,7 @@ class AdaGC(StatefulRule):
         st = self._state_on(device)
         gamma_all, step = st["gamma"], st["step"]
         every = len(active) == len(params)
-        index = None if every else torch.tensor(active, device=device)
+        index = None if every else self._index(active, device)
         gamma = gamma_all if index is None else gamma_all.index_select(0, index)
 
         total = torch.linalg.vector_norm(norms)

@@ -204,32 +204,43 @@ def test_graphed_threshold_update_equals_the_eager_one_through_nan_resume_and_co
     method: str,
 ) -> None:
     """AutoClip/ZClip replay their bookkeeping as a CUDA graph (secateurs.clip._graphs): the
-    same thresholds and gradients as the eager update, through a NaN step, a state_dict load
-    (new state tensors: captured again) and a deepcopy (which captures its own graph)."""
+    same thresholds and gradients as the eager update, with no host sync, through a NaN step,
+    a state_dict load (new state tensors: captured again), a changed setting (captured again)
+    and a deepcopy (which captures its own graph)."""
     kwargs = {"warmup_steps": 3} if method == "zclip" else {"history": 8}
     graphed, eager = build(method, **kwargs), build(method, cuda_graph=False, **kwargs)
-    with no_sync():
-        for step in range(30):
-            scale = 1.0 + 4.0 * (step % 7 == 6)
-            gpu = cuda_params(seed=step, scale=scale)
-            ref = [torch.nn.Parameter(p.detach().clone()) for p in gpu]
-            for p, q in zip(gpu, ref, strict=True):
-                q.grad = p.grad.clone()
-            if step == 12:
-                gpu[0].grad[0, 0] = math.nan
-                ref[0].grad[0, 0] = math.nan
-            if step == 18:  # resume both from the eager rule's state
-                saved = eager.state_dict()
-                graphed.load_state_dict(saved)
-                eager.load_state_dict(saved)
-            if step == 24:
-                graphed = copy.deepcopy(graphed)
-            got, want = graphed(gpu), eager(ref)
-            for field in ("norm_before", "norm_after", "threshold", "clipped"):
-                a, b = getattr(got, field), getattr(want, field)
-                torch.testing.assert_close(a, b, rtol=1e-6, atol=0, equal_nan=True)
-            for p, q in zip(gpu, ref, strict=True):
-                torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0, equal_nan=True)
+    steps = []
+    for step in range(30):  # inputs made before any no_sync block (.cuda() is a sync)
+        gpu = cuda_params(seed=step, scale=1.0 + 4.0 * (step % 7 == 6))
+        ref = [torch.nn.Parameter(p.detach().clone()) for p in gpu]
+        for p, q in zip(gpu, ref, strict=True):
+            q.grad = p.grad.clone()
+        if step == 12:
+            gpu[0].grad[0, 0] = math.nan
+            ref[0].grad[0, 0] = math.nan
+        steps.append((gpu, ref))
+    results = []
+    for step, (gpu, ref) in enumerate(steps):
+        if step == 18:  # resume both from the eager rule's state
+            saved = eager.state_dict()
+            graphed.load_state_dict(saved)
+            eager.load_state_dict(saved)
+        if step == 21:  # a setting a schedule might change
+            for rule in (graphed, eager):
+                if method == "zclip":
+                    rule.z_thresh = 2.0
+                else:
+                    rule.percentile = 50.0
+        if step == 24:
+            graphed = copy.deepcopy(graphed)
+        with no_sync():
+            results.append((graphed(gpu), eager(ref)))
+    for (gpu, ref), (got, want) in zip(steps, results, strict=True):
+        for field in ("norm_before", "norm_after", "threshold", "clipped"):
+            a, b = getattr(got, field), getattr(want, field)
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=0, equal_nan=True)
+        for p, q in zip(gpu, ref, strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0, equal_nan=True)
     assert graphed._update.replays > 0 and eager._update.replays == 0
     # stats of earlier steps are copies, not the graph's output buffers
     first = graphed(cuda_params(seed=100))

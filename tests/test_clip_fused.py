@@ -116,7 +116,7 @@ def test_fused_plan_follows_gradients_that_move_and_falls_back_for_strided_ones(
         for p, r in zip(params, rule_ref, strict=True):
             torch.testing.assert_close(p.grad, r.grad, rtol=1e-5, atol=1e-8)
         segment = plan.segments[0]
-        assert segment._g_key[1] == params[1].grad.data_ptr() or step == 2
+        assert segment._g_at[1] == params[1].grad.data_ptr() or step == 2
 
 
 def test_fused_plan_takes_the_per_tensor_path_when_a_tensor_no_longer_matches_its_table() -> None:
@@ -131,7 +131,7 @@ def test_fused_plan_takes_the_per_tensor_path_when_a_tensor_no_longer_matches_it
     agc_apply_(ref, [r.grad for r in ref], 0.05, 1e-3, UnitPlan([r.grad for r in ref], fused=False))
     for p, r in zip(params, ref, strict=True):
         torch.testing.assert_close(p.grad, r.grad, rtol=1e-5, atol=1e-8)
-    assert plan.segments[0]._w_key[0] == params[0].data_ptr()
+    assert plan.segments[0]._w_at[0] == params[0].data_ptr()
     params[0].data = params[0].data.double()  # float64 weight, float32 gradient
     with pytest.raises(RuntimeError, match="dtype"):  # the per-tensor path's error
         agc_apply_(params, [p.grad for p in params], 0.05, 1e-3, plan)
@@ -142,6 +142,47 @@ def test_fused_plan_takes_the_per_tensor_path_when_a_tensor_no_longer_matches_it
     assert plan.fits(params, grads)  # the plan checks the first of each group only
     with pytest.raises(RuntimeError):
         agc_apply_(params, grads, 0.05, 1e-3, plan)
+
+
+def test_fused_agc_propagates_nan_like_the_per_tensor_path() -> None:
+    """A NaN weight makes its unit's bound NaN, a NaN gradient its factor: as in torch."""
+    for exact in (False, True):
+        clipping = 1e-5 if exact else 0.05
+        fused = make(torch.float32, grad_scale=0.004)
+        fused[0].data[3, 5] = float("nan")
+        fused[2].grad[1, 0, 0, 0] = float("nan")
+        eager = twin(fused)
+        _, got = run(fused, clipping, 1e-3, fused=True)
+        _, want = run(eager, clipping, 1e-3, fused=False)
+        for field in ("grad_norm", "clipped_norm", "threshold"):
+            a, b = getattr(got, field), getattr(want, field)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=0, equal_nan=True)
+        for p, q in zip(fused, eager, strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8, equal_nan=True)
+        assert fused[0].grad[3].isnan().all() and not fused[0].grad[2].isnan().any()
+
+
+def test_fused_agc_takes_channels_last_conv_weights_without_falling_back() -> None:
+    conv = torch.nn.Conv2d(6, 10, 3).to(memory_format=torch.channels_last)
+    conv(torch.randn(4, 6, 9, 9).to(memory_format=torch.channels_last)).square().sum().backward()
+    params = list(conv.parameters())
+    assert not params[0].is_contiguous() and not params[0].grad.is_contiguous()
+    ref = twin(params)
+    plan, got = run(params, 0.002, 1e-3, fused=True)
+    _, want = run(ref, 0.002, 1e-3, fused=False)
+    assert not plan._eager  # the per-tensor layout was never needed
+    assert bool(got.clipped)
+    torch.testing.assert_close(got.clipped_norm, want.clipped_norm, rtol=1e-5, atol=0)
+    for p, q in zip(params, ref, strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_units_too_long_for_the_kernels_int32_offsets_take_the_per_tensor_path() -> None:
+    from secateurs.clip._agc_fused import FusedSegment
+
+    assert FusedSegment.supports([torch.empty(3, 1000, device="meta")])
+    assert not FusedSegment.supports([torch.empty(2, 2**31, device="meta")])
+    assert not FusedSegment.supports([torch.empty(2**31, device="meta")])  # one unit
 
 
 def test_float64_and_the_cpu_default_take_the_per_tensor_path() -> None:

@@ -152,5 +152,5 @@ def test_gpu_path_switches_show_in_the_repr_only_when_set_and_build_from_a_confi
     assert repr(AGC()) == "AGC(clipping=0.01, eps=0.001)"
     assert repr(build("agc", fused=False)) == "AGC(clipping=0.01, eps=0.001, fused=False)"
     rule = build("autoclip", cuda_graph=False)
-    assert repr(rule).endswith("cuda_graph=False)") and not rule._update.enabled
-    assert "cuda_graph" not in repr(ZClip()) and ZClip()._update.enabled
+    assert repr(rule).endswith("cuda_graph=False)") and rule.cuda_graph is False
+    assert "cuda_graph" not in repr(ZClip()) and ZClip().cuda_graph is True

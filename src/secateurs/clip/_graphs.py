@@ -12,16 +12,18 @@ one launch.
 The first call for a given state runs eagerly (it is the warm-up CUDA graphs want); the second
 captures, then every call copies the norm into the graph's input, replays, and clones the
 outputs (one clone per output dtype), so stats returned on earlier steps are never overwritten.
-State that is replaced (``load_state_dict``, a move to another device) is captured afresh.
+State that is replaced (``load_state_dict``, a move to another device) and a setting that
+changes (``rule.percentile = 50``: the graph holds settings as constants) are captured afresh.
 Anywhere else (CPU, ``meta``, DTensor norms, inside another graph capture or a
 ``torch.compile`` trace) the update simply runs eagerly. Capture never synchronises the host; if
-it fails, the rule warns once and stays eager.
+it fails, the graph's memory pool is handed back, and the rule warns once and stays eager.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 
 import torch
 from torch import Tensor
@@ -29,20 +31,23 @@ from torch import Tensor
 __all__ = ["GraphedUpdate"]
 
 Update = Callable[[Tensor, Mapping[str, Tensor]], tuple[Tensor, ...]]
+Config = Callable[[], Hashable]
 
 
 class GraphedUpdate:
     """Call ``update(x, state)``, on CUDA as a replayed graph; see the module docstring.
 
     ``update`` must write ``state`` in place, return 0-d tensors, never read a device value on
-    the host, and depend on nothing but ``x``, ``state`` and constants.
+    the host, and depend on nothing but ``x``, ``state`` and the settings ``config()`` returns
+    (a graph bakes settings in as constants, so one that changes is captured afresh).
     """
 
-    def __init__(self, update: Update, name: str) -> None:
+    def __init__(self, update: Update, name: str, config: Config) -> None:
         self.update = update
         self.name = name
+        self.config = config
         self.enabled = True
-        """Set False to always run eagerly (e.g. to compare timings)."""
+        """False after a capture failed: eager from then on."""
         self.replays = 0
         """How many calls replayed a graph (for tests and benchmarks)."""
         self._key: tuple[object, ...] | None = None
@@ -61,11 +66,14 @@ class GraphedUpdate:
             tuple(x.shape),
             tuple(map(id, state.values())),
             tuple(t.data_ptr() for t in state.values()),
+            self.config(),
         )
-        if key != self._key:  # new state: run eagerly once, capture on the next call
+        if key != self._key:  # new state or settings: run eagerly once, capture on the next call
             self._release()
             self._key, self._refs = key, tuple(state.values())
-            return self.update(x, state)
+            outputs = self.update(x, state)
+            _pack(outputs)  # loads the stacking kernels too, so capture loads none
+            return outputs
         if self._graph is None and not self._capture(x, state):
             return self.update(x, state)
         assert self._input is not None
@@ -94,15 +102,17 @@ class GraphedUpdate:
         with torch.inference_mode(False):  # the input is allocated on the stream that fills it
             static = torch.empty_like(x)
         side.wait_stream(current)
+        pool = torch.cuda.graph_pool_handle()
         try:
             with torch.inference_mode(False), torch.cuda.device(x.device), torch.cuda.stream(side):
-                graph.capture_begin(capture_error_mode="thread_local")
+                graph.capture_begin(pool=pool, capture_error_mode="thread_local")
                 try:
                     outputs = self.update(static, state)
                     packs, where = _pack(outputs)
                 finally:
                     graph.capture_end()
         except Exception as exc:
+            _abandon(x.device, pool)
             warnings.warn(
                 f"{self.name}: capturing its update as a CUDA graph failed ({exc}); "
                 "running it eagerly from now on",
@@ -125,6 +135,23 @@ class GraphedUpdate:
     def _release(self) -> None:
         self._key, self._refs = None, ()
         self._graph, self._input, self._packs, self._where = None, None, [], []
+
+
+def _abandon(device: torch.device, pool: object) -> None:
+    """After a failed capture: stop routing allocations to the graph's pool and release it.
+
+    ``capture_end`` raises before it does either when the capture was invalidated, which would
+    leave the caching allocator believing a capture is still under way (it then defers every
+    stream-recorded free for good). If ``capture_end`` got that far, the graph releases the
+    pool itself and there is nothing to do.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        torch._C._cuda_endAllocateToPool(index, pool)  # type: ignore[attr-defined]
+    except Exception:
+        return
+    with contextlib.suppress(Exception):
+        torch._C._cuda_releasePool(index, pool)  # type: ignore[attr-defined]
 
 
 def _pack(outputs: tuple[Tensor, ...]) -> tuple[list[Tensor], list[tuple[int, int]]]:

@@ -83,8 +83,7 @@ class AutoClip(StatefulRule):
         self.history = history
         self.norm_type = check_norm_type(norm_type)
         self.cuda_graph = check_bool(cuda_graph, "cuda_graph")
-        self._update = GraphedUpdate(self._threshold_update, self.method)
-        self._update.enabled = self.cuda_graph
+        self._update = GraphedUpdate(self._threshold_update, self.method, self._settings)
 
     def _fresh_state(self, device: torch.device) -> dict[str, Tensor]:
         return {
@@ -98,7 +97,8 @@ class AutoClip(StatefulRule):
         _, grads = with_grad(params)
         cpu = is_dense_cpu(grads)
         norm = total_norm(grads, self.norm_type, cpu=cpu)
-        coef, threshold, after, clipped = self._update(norm, self._state_on(norm.device))
+        update = self._update if self.cuda_graph else self._threshold_update
+        coef, threshold, after, clipped = update(norm, self._state_on(norm.device))
         scale_(grads, coef, cpu=cpu)
         return ClipStats(norm, after, threshold, clipped)
 

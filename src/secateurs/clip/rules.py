@@ -134,6 +134,10 @@ class StatefulRule(Rule):
                 state[key] = value.detach().clone().to(like.dtype)
         self._state = state
 
+    def _settings(self) -> tuple[tuple[str, Any], ...]:
+        """The constructor settings, hashable (a CUDA graph of the update depends on them)."""
+        return tuple(self._fields().items())
+
     def _check_loaded(self, key: str, value: Tensor, like: Tensor) -> None:
         """Raise if ``value`` cannot replace ``like`` (shape mismatch by default)."""
         field = f"{self.method}.state_dict[{key!r}]"

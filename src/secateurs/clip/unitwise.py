@@ -219,14 +219,16 @@ class UnitPlan:
         with torch.inference_mode(False):
             self.segments: list[_Segment | FusedSegment] = []
             for k, ((device, dtype), groups) in enumerate(segments.items()):
-                runs = device.type == "cuda" or _interpreting()
-                wanted = dtype in _FUSED_DTYPES and (
-                    (fused is True and runs)
-                    or (fused is None and device.type == "cuda" and _fused_pays(groups))
+                # compiled on CUDA, or interpreted on CPU tensors (the interpreter would read
+                # a GPU's addresses on the host)
+                runs = device.type == ("cpu" if _interpreting() else "cuda")
+                by_default = device.type == "cuda" and _fused_pays(groups)
+                wanted = (
+                    runs and dtype in _FUSED_DTYPES and (fused or (fused is None and by_default))
                 )
                 module = _fused_module(required=fused is True) if wanted else None
-                if module is not None:
-                    index = sorted(i for group in groups for i in group)
+                index = sorted(i for group in groups for i in group)
+                if module is not None and module.FusedSegment.supports([grads[i] for i in index]):
                     self.segments.append(module.FusedSegment(index, grads))
                 else:
                     self.segments.append(self.eager(k, grads))

@@ -78,8 +78,7 @@ class ZClip(StatefulRule):
         self.max_norm = None if max_norm is None else check_positive(max_norm, "max_norm")
         self.eps = check_positive(eps, "eps")
         self.cuda_graph = check_bool(cuda_graph, "cuda_graph")
-        self._update = GraphedUpdate(self._statistics_update, self.method)
-        self._update.enabled = self.cuda_graph
+        self._update = GraphedUpdate(self._statistics_update, self.method, self._settings)
 
     def _fresh_state(self, device: torch.device) -> dict[str, Tensor]:
         return {
@@ -93,7 +92,8 @@ class ZClip(StatefulRule):
         _, grads = with_grad(params)
         cpu = is_dense_cpu(grads)
         norm = total_norm(grads, cpu=cpu)
-        coef, trigger, after, clipped = self._update(norm, self._state_on(norm.device))
+        update = self._update if self.cuda_graph else self._statistics_update
+        coef, trigger, after, clipped = update(norm, self._state_on(norm.device))
         scale_(grads, coef, cpu=cpu)
         return ClipStats(norm, after, trigger, clipped)
 

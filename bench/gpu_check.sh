@@ -1,0 +1,21 @@
+#!/bin/sh
+# The GPU checks of issue 3 in one command, for a machine with CUDA (run from the repo root).
+#
+# 1. tests/test_clip_cuda.py: every rule and a wrapped step under
+#    torch.cuda.set_sync_debug_mode("error"), results equal to the CPU; the CUDA-graph update of
+#    AutoClip/ZClip against its eager twin; AGC's Triton kernel against the CPU.
+# 2. bench/clip.py --device cuda: the ratios the issue sets, plus the eager paths for contrast.
+#
+# Packages the machine lacks can come as wheels in .whl/ (see the device notes); they are
+# installed to /tmp/site first. Output goes to stdout and, when OUT is set, to $OUT/.
+set -eu
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="src:${PYTHONPATH:-}"
+log="${OUT:-/tmp}"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+python3 -m pytest -q -p no:cacheprovider tests/test_clip_cuda.py 2>&1 | tee "$log/cuda_tests.txt"
+python3 bench/clip.py --device cuda --rounds 50 2>&1 | tee "$log/bench_cuda.txt"

@@ -20,7 +20,7 @@ kernel (the default picks one by the tensors' shapes; see ``secateurs.clip._grap
 ``secateurs.clip._agc_fused``).
 
     PYTHONPATH=src python bench/clip.py [--rounds 25] [--threads 2] [--clock wall|cpu]
-                                        [--device cpu|cuda]
+                                        [--device cpu|cuda] [--launches]
 """
 
 from __future__ import annotations
@@ -103,6 +103,32 @@ def run(
     return times
 
 
+LAUNCHES = (
+    "cudaLaunchKernel",
+    "cudaLaunchKernelExC",
+    "cuLaunchKernel",
+    "cuLaunchKernelEx",
+    "cudaGraphLaunch",
+    "cudaMemcpyAsync",
+)
+
+
+def launches(gs: GradSet, contenders: dict[str, Callable]) -> dict[str, int]:
+    """Kernel launches, graph launches and async copies one call of each contender makes,
+    counted by torch's profiler (the host-side API calls; CUDA only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    counts = {}
+    for name, fn in contenders.items():
+        gs.reset()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn(gs.params)
+            torch.cuda.synchronize()
+        counts[name] = sum(e.count for e in prof.key_averages() if e.key in LAUNCHES)
+    return counts
+
+
 def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
     return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
 
@@ -118,6 +144,9 @@ def main() -> None:
         help="cpu: process CPU time, steadier than wall time on a machine shared with other jobs",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--launches", action="store_true", help="cuda: also count each contender's launches"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
@@ -171,6 +200,9 @@ def main() -> None:
             **extra,
         }
         times = run(gs, contenders, args.rounds, clock)
+        if args.launches and args.device == "cuda":
+            for name, n in launches(gs, contenders).items():
+                print(f"{label:<10} {name:<28} {n:5d} launches (kernels, graphs, async copies)")
         comparisons = [
             ("by_global_norm_ (clip)", "torch clip_grad_norm_ (clip)", 1.0),
             # the skipped scaling pass is a CPU-only saving (see the module docstring)

@@ -18,4 +18,4 @@ log="${OUT:-/tmp}"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 python3 -m pytest -q -p no:cacheprovider tests/test_clip_cuda.py 2>&1 | tee "$log/cuda_tests.txt"
-python3 bench/clip.py --device cuda --rounds 50 2>&1 | tee "$log/bench_cuda.txt"
+python3 bench/clip.py --device cuda --rounds 50 --launches 2>&1 | tee "$log/bench_cuda.txt"

@@ -40,6 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from secateurs.clip._tensors import host_values, upload
+from secateurs.clip.unitwise import _units
 
 __all__ = ["FusedSegment"]
 
@@ -118,10 +119,6 @@ def _rows_dense(t: Tensor) -> bool:
     return layout is not None and t.is_contiguous(memory_format=layout)
 
 
-def _units(t: Tensor) -> int:
-    return t.shape[0] if t.dim() > 1 else 1
-
-
 class FusedSegment:
     """The tensors ``index`` (all of one device and dtype) of a gradient list, with the tables
     the kernel reads and the ``[4, units]`` buffer it writes (gradient unit norms, weight unit
@@ -143,7 +140,6 @@ class FusedSegment:
             starts += [r * length for r in range(units)]
             lengths += [length] * units
         table = {"dtype": torch.int64, "device": self.device}
-
         self.unit_tensor = upload(tensors, torch.int32, self.device)
         self.unit_start = upload(starts, torch.int64, self.device)
         self.unit_len = upload(lengths, torch.int32, self.device)
@@ -166,9 +162,10 @@ class FusedSegment:
         self, params: Sequence[Tensor], grads: Sequence[Tensor], clipping: float, eps: float
     ) -> bool:
         """Clip this segment's gradients in place and fill :attr:`buffers`; False (nothing
-        done) unless every gradient and weight is contiguous and of the shape, dtype and device
-        the tables were built for (the kernel reads raw addresses: anything else would make it
-        read the wrong bytes)."""
+        done) unless every gradient and weight is of the shape, dtype and device the tables
+        were built for and lies unit by unit in memory (the kernel reads raw addresses:
+        anything else would make it read the wrong bytes), and in the other cases the module
+        docstring lists."""
         gs = [grads[i] for i in self.index]
         ws = [params[i] for i in self.index]
         if _FAILED or not self._usable(gs, ws):

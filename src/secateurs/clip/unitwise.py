@@ -235,7 +235,7 @@ class UnitPlan:
 
     def eager(self, k: int, grads: list[Tensor]) -> _Segment:
         """Segment ``k`` laid out for the per-tensor path (built on first use: a fused segment
-        needs it only for a step with a non-contiguous tensor)."""
+        needs it only for a step its kernel cannot take, see ``FusedSegment.apply_``)."""
         if k not in self._eager:
             with torch.inference_mode(False):
                 self._eager[k] = self._segment(self._groups[k], grads)

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from test_clip_functional import clone, random_params
 
 from secateurs.clip import (
     METHODS,
@@ -52,13 +53,14 @@ def no_sync() -> Iterator[None]:
         torch.cuda.set_sync_debug_mode("default")
 
 
-def cuda_params(seed: int = 0, scale: float = 1.0) -> list[torch.nn.Parameter]:
-    g = torch.Generator().manual_seed(seed)
+def cuda_params(
+    seed: int = 0, scale: float = 1.0, shapes: list[tuple[int, ...]] = SHAPES
+) -> list[torch.nn.Parameter]:
     params = []
-    for s in SHAPES:
-        p = torch.nn.Parameter(torch.randn(s, generator=g).cuda())
-        p.grad = (torch.randn(s, generator=g) * scale).cuda()
-        params.append(p)
+    for p in random_params(shapes, seed, scale):
+        q = torch.nn.Parameter(p.detach().cuda())
+        q.grad = p.grad.cuda()
+        params.append(q)
     return params
 
 
@@ -66,7 +68,7 @@ def cpu_copy(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
     out = []
     for p in params:
         q = torch.nn.Parameter(p.detach().cpu())
-        q.grad = p.grad.cpu()
+        q.grad = None if p.grad is None else p.grad.cpu()
         out.append(q)
     return out
 
@@ -212,9 +214,7 @@ def test_graphed_threshold_update_equals_the_eager_one_through_nan_resume_and_co
     steps = []
     for step in range(30):  # inputs made before any no_sync block (.cuda() is a sync)
         gpu = cuda_params(seed=step, scale=1.0 + 4.0 * (step % 7 == 6))
-        ref = [torch.nn.Parameter(p.detach().clone()) for p in gpu]
-        for p, q in zip(gpu, ref, strict=True):
-            q.grad = p.grad.clone()
+        ref = clone(gpu)
         if step == 12:
             gpu[0].grad[0, 0] = math.nan
             ref[0].grad[0, 0] = math.nan
@@ -256,12 +256,7 @@ def test_agc_on_cuda_runs_as_one_triton_kernel_when_triton_is_installed() -> Non
     from secateurs.clip.unitwise import UnitPlan, _Segment
 
     shapes = [(64, 32), (64,), (16, 8, 3, 3), (16,), (70000,), (8, 4), (8,), (8, 4), (8,)]
-    g = torch.Generator().manual_seed(0)
-    gpu = []
-    for s in shapes:
-        p = torch.nn.Parameter(torch.randn(s, generator=g).cuda())
-        p.grad = (torch.randn(s, generator=g) * 0.5).cuda()
-        gpu.append(p)
+    gpu = cuda_params(scale=0.5, shapes=shapes)
     cpu = cpu_copy(gpu)
     rule = build("agc")
     with no_sync():
@@ -284,11 +279,7 @@ def test_adagc_with_parameters_without_gradients_runs_on_cuda_without_a_sync() -
     for step in range(5):
         gpu = cuda_params(seed=step)
         gpu[1].grad = None
-        cpu = []
-        for p in gpu:
-            q = torch.nn.Parameter(p.detach().cpu())
-            q.grad = None if p.grad is None else p.grad.cpu()
-            cpu.append(q)
+        cpu = cpu_copy(gpu)
         with no_sync():
             stats = rule(gpu)
         ref = ref_rule(cpu)

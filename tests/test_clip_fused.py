@@ -25,6 +25,8 @@ if torch.cuda.is_available():
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
+from test_clip_functional import clone
+
 from secateurs.clip import AGC
 from secateurs.clip.unitwise import UnitPlan, _Segment, agc_apply_
 
@@ -49,15 +51,6 @@ def make(dtype: torch.dtype, grad_scale: float, seed: int = 0) -> list[torch.nn.
     return params
 
 
-def twin(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
-    out = []
-    for p in params:
-        q = torch.nn.Parameter(p.detach().clone())
-        q.grad = p.grad.clone()
-        out.append(q)
-    return out
-
-
 def run(params: list[torch.nn.Parameter], clipping: float, eps: float, fused: bool):
     grads = [p.grad for p in params]
     plan = UnitPlan(grads, params, fused=fused)
@@ -74,7 +67,7 @@ def test_fused_agc_equals_the_per_tensor_path(
 ) -> None:
     # (1e-5, 1e-3): bounds under 1e-6, the exact formula; (0.05, 1e-3): min(1, bound / g)
     fused = make(dtype, grad_scale=0.004)
-    eager = twin(fused)
+    eager = clone(fused)
     plan, got = run(fused, clipping, eps, fused=True)
     _, want = run(eager, clipping, eps, fused=False)
     assert not any(isinstance(s, _Segment) for s in plan.segments)
@@ -93,7 +86,7 @@ def test_fused_plan_follows_gradients_that_move_and_falls_back_for_strided_ones(
     params = make(torch.float32, grad_scale=0.004)
     grads = [p.grad for p in params]
     plan = UnitPlan(grads, params, fused=True)
-    rule_ref = twin(params)
+    rule_ref = clone(params)
     for step in range(3):
         fresh = make(torch.float32, grad_scale=0.004, seed=step + 1)
         for p, f, r in zip(params, fresh, rule_ref, strict=True):
@@ -125,7 +118,7 @@ def test_fused_plan_takes_the_per_tensor_path_when_a_tensor_no_longer_matches_it
     never reach it: the per-tensor path then clips right, or raises."""
     params = make(torch.float32, grad_scale=0.004)
     plan = UnitPlan([p.grad for p in params], params, fused=True)
-    ref = twin(params)
+    ref = clone(params)
     params[0].data = params[0].data.clone()  # a weight at a new address: the table follows
     agc_apply_(params, [p.grad for p in params], 0.05, 1e-3, plan)
     agc_apply_(ref, [r.grad for r in ref], 0.05, 1e-3, UnitPlan([r.grad for r in ref], fused=False))
@@ -151,7 +144,7 @@ def test_fused_agc_propagates_nan_like_the_per_tensor_path() -> None:
         fused = make(torch.float32, grad_scale=0.004)
         fused[0].data[3, 5] = float("nan")
         fused[2].grad[1, 0, 0, 0] = float("nan")
-        eager = twin(fused)
+        eager = clone(fused)
         _, got = run(fused, clipping, 1e-3, fused=True)
         _, want = run(eager, clipping, 1e-3, fused=False)
         for field in ("grad_norm", "clipped_norm", "threshold"):
@@ -167,7 +160,7 @@ def test_fused_agc_takes_channels_last_conv_weights_without_falling_back() -> No
     conv(torch.randn(4, 6, 9, 9).to(memory_format=torch.channels_last)).square().sum().backward()
     params = list(conv.parameters())
     assert not params[0].is_contiguous() and not params[0].grad.is_contiguous()
-    ref = twin(params)
+    ref = clone(params)
     plan, got = run(params, 0.002, 1e-3, fused=True)
     _, want = run(ref, 0.002, 1e-3, fused=False)
     assert not plan._eager  # the per-tensor layout was never needed

@@ -8,11 +8,11 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: run test lint bench clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c .ci/constraints.txt "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c .ci/constraints.txt -e '.[dev]'
 	touch $@
 
 run: $(VENV)/.installed

@@ -102,13 +102,9 @@ def test_agc_rule_equals_agc_function() -> None:
 def fresh_grads(params: list[torch.nn.Parameter], seed: int) -> list[torch.nn.Parameter]:
     """``params`` with new random gradients, and a detached copy of both to clip by agc_."""
     g = torch.Generator().manual_seed(seed)
-    ref = []
     for p in params:
         p.grad = (torch.randn(p.shape, generator=g) * 0.1).to(p.dtype)
-        r = torch.nn.Parameter(p.detach().clone())
-        r.grad = p.grad.clone()
-        ref.append(r)
-    return ref
+    return clone(params)
 
 
 def test_agc_rule_reuses_its_plan_and_rebuilds_it_when_the_layout_changes() -> None:

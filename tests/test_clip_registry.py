@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 
+from secateurs import clip
 from secateurs.clip import (
     AGC,
     METHODS,
+    RULES,
     AdaGC,
     AutoClip,
+    ClipStats,
     GlobalNorm,
     Norm,
+    Rule,
     Value,
     ZClip,
     agc_,
@@ -23,8 +28,11 @@ from secateurs.clip import (
     by_norm_,
     by_value_,
     clamp_params_,
+    register,
 )
+from secateurs.clip.registry import names, parameters
 from secateurs.errors import SecateursError
+from secateurs.experiment.config import load_config
 
 
 def test_methods_lists_every_buildable_rule() -> None:
@@ -66,32 +74,119 @@ def test_build_none_gives_no_rule() -> None:
     assert build("none") is None
 
 
-def test_unknown_method_names_the_field_and_the_choices() -> None:
-    with pytest.raises(SecateursError, match=r"clip\.method: got 'clipnorm'; allowed: none, value"):
+def test_unknown_method_names_the_argument_and_the_choices() -> None:
+    with pytest.raises(SecateursError, match=r"^method: got 'clipnorm'; allowed: none, value, ") as err:
         build("clipnorm")
+    assert err.value.field == "method"
 
 
 def test_unknown_parameter_names_it_and_the_accepted_ones() -> None:
     with pytest.raises(
         SecateursError,
-        match=r"clip\.max_nrom: got 1\.0; allowed: parameters of 'global_norm': max_norm, norm_type",
+        match=r"^max_nrom: got 1\.0; allowed: parameters of clip rule 'global_norm': max_norm, norm_type$",
     ):
         build("global_norm", max_nrom=1.0)
 
 
 def test_missing_required_parameter_is_named() -> None:
-    with pytest.raises(SecateursError, match=r"clip\.max_norm: .*required by method 'global_norm'"):
+    with pytest.raises(SecateursError, match=r"^max_norm: got None; .*required by clip rule 'global_norm'"):
         build("global_norm")
 
 
 def test_parameters_given_with_method_none_are_rejected() -> None:
-    with pytest.raises(SecateursError, match=r"clip\.max_norm"):
+    with pytest.raises(SecateursError, match=r"^max_norm: got 1\.0; allowed: no parameters with method 'none'"):
         build("none", max_norm=1.0)
 
 
-def test_bad_value_through_build_names_the_config_field() -> None:
-    with pytest.raises(SecateursError, match=r"clip\.max_norm: got -1\.0; allowed: a number > 0"):
-        build("global_norm", max_norm=-1.0)
+def test_bad_value_through_build_names_the_python_argument() -> None:
+    with pytest.raises(SecateursError, match=r"^max_norm: got -1; allowed: a number > 0$") as err:
+        build("norm", max_norm=-1)
+    assert err.value.field == "max_norm"
+
+
+def test_parameters_lists_the_constructor_arguments_with_defaults() -> None:
+    assert parameters("global_norm") == {"max_norm": inspect.Parameter.empty, "norm_type": 2.0}
+    with pytest.raises(SecateursError, match=r"^method: got 'nope'"):
+        parameters("nope")
+
+
+def test_names_and_rules_agree_with_methods() -> None:
+    assert names() == tuple(RULES) == tuple(METHODS)[1:]
+    assert RULES["zclip"] is ZClip and all(RULES[m].method == m for m in RULES)
+
+
+class _Halve(Rule):
+    """A user's own rule: halves every gradient."""
+
+    def __init__(self, factor: float = 0.5) -> None:
+        self.factor = factor
+
+    def clip(self, params: list[torch.Tensor]) -> ClipStats:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(self.factor)
+        zero = torch.zeros(())
+        return ClipStats(zero, zero, zero, torch.tensor(True))
+
+
+@pytest.fixture
+def halve() -> Iterator[type[Rule]]:
+    cls = register("halve")(_Halve)
+    yield cls
+    RULES.unregister("halve")
+
+
+def test_a_registered_user_rule_shows_in_methods_and_builds(halve: type[Rule]) -> None:
+    assert "halve" in METHODS and METHODS[-1] == "halve" and len(METHODS) == len(RULES) + 1
+    assert "halve" in set(METHODS) and "halve" in clip.METHODS
+    rule = build("halve", factor=0.25)
+    assert isinstance(rule, halve) and rule.method == "halve" and rule.factor == 0.25
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.full((2,), 4.0)
+    rule([p])
+    assert p.grad.tolist() == [1.0, 1.0]
+
+
+def test_an_unregistered_rule_leaves_methods(halve: type[Rule]) -> None:
+    RULES.unregister("halve")
+    assert "halve" not in METHODS and "halve" not in set(METHODS)
+    register("halve")(halve)  # for the fixture's clean-up
+
+
+def test_registering_a_taken_name_is_refused_unless_replace(halve: type[Rule]) -> None:
+    class Other(_Halve):
+        pass
+
+    with pytest.raises(SecateursError, match=r"^name: got 'halve', already registered"):
+        register("halve")(Other)
+    assert RULES["halve"] is halve
+    with pytest.raises(SecateursError, match=r"^name: got 'global_norm', already registered"):
+        register("global_norm")(Other)
+    assert register("halve", replace=True)(Other) is Other
+    assert RULES["halve"] is Other and Other.method == "halve"
+
+
+def test_none_cannot_be_registered() -> None:
+    with pytest.raises(SecateursError, match=r"^name: got 'none'"):
+        register("none")(_Halve)
+    assert "none" not in RULES
+
+
+def test_methods_is_read_only_and_compares_like_a_tuple() -> None:
+    assert tuple(METHODS) == METHODS and METHODS[0] == "none"
+    assert list(METHODS) == ["none", *RULES]
+    with pytest.raises(TypeError):
+        METHODS[0] = "x"  # type: ignore[index]
+
+
+def test_the_config_layer_names_the_config_key() -> None:
+    with pytest.raises(SecateursError, match=r"^clip\.max_norm: got -1; allowed: a number > 0$") as err:
+        load_config(overrides=["clip.method=norm", "clip.max_norm=-1"])
+    assert err.value.field == "clip.max_norm"
+    with pytest.raises(SecateursError, match=r"^clip\.method: got 'clipnorm'; allowed: none, "):
+        load_config(overrides=["clip.method=clipnorm"])
+    with pytest.raises(SecateursError, match=r"clip\.max_norm: got 0"):
+        load_config(overrides=['sweep.clip_methods=[{method = "norm", max_norm = 0}]'])
 
 
 @pytest.mark.parametrize(

@@ -377,8 +377,26 @@ def test_load_state_dict_rejects_a_history_of_another_size() -> None:
 
 
 def test_stateless_rule_rejects_a_non_empty_state() -> None:
-    with pytest.raises(SecateursError, match="global_norm"):
+    expected = r"^state_dict: got \['x'\]; allowed: \{\} \(GlobalNorm keeps no state\)$"
+    with pytest.raises(SecateursError, match=expected):
         GlobalNorm(1.0).load_state_dict({"x": torch.zeros(1)})
+
+
+def test_chain_names_the_entry_of_a_rule_state_it_cannot_load() -> None:
+    chain = Chain(AutoClip(history=4), GlobalNorm(1.0))
+    expected = r"^state_dict\['1'\]: got \['x'\]; allowed: \{\} \(GlobalNorm keeps no state\)$"
+    with pytest.raises(SecateursError, match=expected) as err:
+        chain.load_state_dict({"0": {}, "1": {"x": torch.zeros(1)}})
+    assert err.value.field == "state_dict['1']"
+    with pytest.raises(SecateursError, match=r"^state_dict: got \['0'\]; allowed: keys \['0', '1'\]$"):
+        chain.load_state_dict({"0": {}})
+
+
+def test_chain_arguments_are_named() -> None:
+    with pytest.raises(SecateursError, match=r"^rules: got \(\); allowed: one or more rules$"):
+        Chain()
+    with pytest.raises(SecateursError, match=r"^rules\[1\]: got 'agc'; allowed: a secateurs.clip rule$"):
+        Chain(GlobalNorm(1.0), "agc")  # type: ignore[arg-type]
 
 
 def test_rules_with_published_defaults_construct_without_arguments() -> None:

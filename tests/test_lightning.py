@@ -195,8 +195,10 @@ def test_gradient_clipping_and_trainer_gradient_clip_val_are_exclusive(tmp_path:
 
 def test_gradient_clipping_takes_a_rule_or_a_method_name() -> None:
     assert isinstance(GradientClipping("zclip").rule, clip.ZClip)
-    with pytest.raises(SecateursError, match=r"clip\.max_norm"):
+    with pytest.raises(SecateursError, match=r"^max_norm: got None; allowed: a value: required"):
         GradientClipping("global_norm")
+    with pytest.raises(SecateursError, match=r"^rule: got 'clipnorm'; allowed: value, norm, "):
+        GradientClipping("clipnorm")
     with pytest.raises(SecateursError, match="params: got"):
         GradientClipping(clip.GlobalNorm(1.0), max_norm=2.0)
 

@@ -5,6 +5,10 @@ so each group runs one foreach kernel, norms stay tensors, and nothing reads a d
 the host. DTensor gradients are supported: norms are computed on the DTensors (so the
 reduction spans every shard) and then turned into plain replicated tensors; in-place scaling
 is done on the local shards, which is the same as scaling the DTensor by a replicated scalar.
+
+``torch.distributed.tensor`` is never imported here (it costs about as much as the rest of
+``import secateurs.clip``): a DTensor can only exist once someone imported that module, so
+:func:`is_dtensor` looks it up in ``sys.modules`` when asked.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextlib
 import functools
 import math
 import operator
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Concatenate, ParamSpec, TypeVar
@@ -22,14 +27,12 @@ from torch import Tensor
 from torch.utils._foreach_utils import _device_has_foreach_support
 
 from secateurs.errors import SecateursError, check
+from secateurs.errors import check_bool as check_bool  # re-exported: rules import them from here
+from secateurs.errors import check_optional_bool as check_optional_bool
+from secateurs.errors import check_positive as check_positive
 
 Params = Tensor | Iterable[Tensor]
 """One tensor or an iterable of tensors (usually ``model.parameters()``)."""
-
-try:  # torch.distributed can be missing from custom builds
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # pragma: no cover - depends on the torch build
-    _DTensor = None
 
 # numel at or below which tensors of equal shape are stacked into one kernel (see shape_groups)
 SMALL_NUMEL = 1 << 14
@@ -72,7 +75,8 @@ def dense_grads_only(params: list[Tensor]) -> Iterator[None]:
                 raise SecateursError(
                     f"params[{i}].grad: got a {g.layout} gradient; allowed: dense "
                     "(torch.strided) gradients; like torch.nn.utils.clip_grad_norm_, clipping "
-                    "does not take sparse ones (nn.Embedding(sparse=True) makes them)"
+                    "does not take sparse ones (nn.Embedding(sparse=True) makes them)",
+                    field=f"params[{i}].grad",
                 ) from e
         raise
 
@@ -95,13 +99,34 @@ def dense_grads(
     return call
 
 
+_DTENSOR: list[type] = []  # DTensor, once torch.distributed.tensor has been imported
+
+
+def dtensor_type() -> type | None:
+    """``torch.distributed.tensor.DTensor`` if that module was imported (by anyone), else None.
+
+    Before that import no DTensor can exist, so None means "nothing here is a DTensor"; the
+    lookup never imports the module itself.
+    """
+    if not _DTENSOR:
+        module = sys.modules.get("torch.distributed.tensor")
+        cls = getattr(module, "DTensor", None)  # None while the module is still initialising
+        if cls is None:
+            return None
+        _DTENSOR.append(cls)
+    return _DTENSOR[0]
+
+
 def is_dtensor(t: Tensor) -> bool:
-    return _DTensor is not None and isinstance(t, _DTensor)
+    """Whether ``t`` is a DTensor."""
+    cls = dtensor_type()
+    return cls is not None and isinstance(t, cls)
 
 
 def has_dtensor(tensors: list[Tensor]) -> bool:
     """Whether any of ``tensors`` is a DTensor (one type check per distinct type)."""
-    return _DTensor is not None and any(issubclass(k, _DTensor) for k in set(map(type, tensors)))
+    cls = dtensor_type()
+    return cls is not None and any(issubclass(k, cls) for k in set(map(type, tensors)))
 
 
 _IS_CPU = operator.attrgetter("is_cpu")
@@ -153,25 +178,6 @@ def check_norm_type(norm_type: float | str, field: str = "norm_type") -> float:
     p = float(norm_type)
     check(p >= 1.0, field, norm_type, allowed)
     return p
-
-
-def check_optional_bool(value: object, field: str) -> bool | None:
-    """``value`` if it is True, False or None; else a SecateursError naming ``field``."""
-    check(value is None or isinstance(value, bool), field, value, "True, False or None")
-    return value  # type: ignore[return-value]
-
-
-def check_bool(value: object, field: str) -> bool:
-    """``value`` if it is True or False; else a SecateursError naming ``field``."""
-    check(isinstance(value, bool), field, value, "True or False")
-    return value  # type: ignore[return-value]
-
-
-def check_positive(value: object, field: str) -> float:
-    """``value`` as a float > 0 (``inf`` allowed); SecateursError otherwise."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-    check(ok, field, value, "a number > 0")
-    return float(value)  # type: ignore[arg-type]
 
 
 def _groups(

@@ -22,8 +22,6 @@ from secateurs.clip._tensors import (
     _groups,
     as_list,
     check_norm_type,
-    check_optional_bool,
-    check_positive,
     clip_coefficient,
     combine_norms,
     dense_grads,
@@ -36,7 +34,7 @@ from secateurs.clip._tensors import (
     with_grad,
 )
 from secateurs.clip.unitwise import UnitPlan, agc_apply_
-from secateurs.errors import check
+from secateurs.errors import check, check_optional_bool, check_positive
 
 __all__ = ["agc_", "by_global_norm_", "by_norm_", "by_value_", "clamp_params_"]
 

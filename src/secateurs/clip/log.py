@@ -135,7 +135,7 @@ class ClipLog:
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Replace the log with a saved one (tensors or lists); later records continue after it."""
-        field = "ClipLog.state_dict"
+        field = "state_dict"
         check(set(state_dict) == set(_COLUMNS), field, sorted(state_dict), str(list(_COLUMNS)))
         columns = [
             [float(v) for v in (c.tolist() if isinstance(c, torch.Tensor) else c)]

@@ -1,90 +1,81 @@
-"""Name -> rule class, so a config (or the CLI) can build any rule from a method name.
+"""Method name -> rule class, so a config (or the CLI) can build any rule from a name.
 
-Adding a rule is one ``@register("name")`` on its class; :func:`build` validates parameter
-names against the constructor before calling it.
+:data:`RULES` is a :class:`~secateurs.registry.Registry`: adding a rule is one
+``@register("name")`` on its class (a user's own rule included), and :func:`build` checks the
+parameter names against the constructor before calling it. Errors name the Python argument
+(``method``, ``max_norm``); the config layer re-raises them under its keys (``clip.max_norm``).
+
+>>> from secateurs.clip.rules import Rule
+>>> @register("my_rule")
+... class MyRule(Rule):
+...     def __init__(self, limit: float = 1.0):
+...         self.limit = limit
+>>> build("my_rule", limit=2.0).limit, "my_rule" in names()
+(2.0, True)
+>>> RULES.unregister("my_rule")
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from secateurs.errors import SecateursError, check
+from secateurs.errors import check
+from secateurs.registry import Registry
 
 if TYPE_CHECKING:
     from secateurs.clip.rules import Rule
 
-_RULES: dict[str, type[Rule]] = {}
-R = TypeVar("R", bound="type[Rule]")
+__all__ = ["NONE", "RULES", "build", "names", "parameters", "register"]
+
+RULES: Registry[Rule] = Registry("clip rule", field="method", attr="method")
+"""Every buildable rule class by method name, in registration order (live: later ones too)."""
+
+NONE = "none"
+"""The method name that builds no rule."""
+
+R = TypeVar("R", bound=type)
 
 
-def register(name: str) -> Callable[[R], R]:
-    """Class decorator: make the rule buildable as ``build(name, ...)``."""
+def register(name: str, *, replace: bool = False) -> Callable[[R], R]:
+    """Class decorator: make the rule buildable as ``build(name, ...)``.
 
-    def add(cls: R) -> R:
-        if name in _RULES:
-            raise ValueError(f"clip method {name!r} registered twice")
-        _RULES[name] = cls
-        cls.method = name  # type: ignore[attr-defined]
-        return cls
-
-    return add
+    The class gets ``name`` as its ``method`` attribute. A name already taken is a
+    :class:`~secateurs.errors.SecateursError` unless ``replace=True``.
+    """
+    check(name != NONE, "name", name, "any name but 'none' (it builds no rule)")
+    return RULES.register(name, replace=replace)
 
 
 def names() -> tuple[str, ...]:
-    """Registered method names, in registration order."""
-    return tuple(_RULES)
-
-
-def _parameters(cls: type[Rule]) -> dict[str, inspect.Parameter]:
-    sig = inspect.signature(cls.__init__)
-    return {
-        n: p
-        for n, p in sig.parameters.items()
-        if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    }
+    """Registered method names, in registration order (``"none"`` not included)."""
+    return tuple(RULES)
 
 
 def build(method: str, **params: Any) -> Rule | None:
     """Build the rule called ``method`` with keyword ``params``; ``"none"`` gives None.
 
-    Raises :class:`~secateurs.errors.SecateursError` naming the field for an unknown method,
+    Raises :class:`~secateurs.errors.SecateursError` naming the argument for an unknown method,
     an unknown or missing parameter, or a bad value.
 
     >>> build("global_norm", max_norm=1.0)
     GlobalNorm(max_norm=1.0, norm_type=2.0)
     >>> build("none") is None
     True
+    >>> build("global_norm", max_norm=-1)
+    Traceback (most recent call last):
+    ...
+    secateurs.errors.SecateursError: max_norm: got -1; allowed: a number > 0
     """
-    allowed = ", ".join(("none", *_RULES))
-    check(
-        isinstance(method, str) and (method == "none" or method in _RULES),
-        "clip.method",
-        method,
-        allowed,
-    )
-    if method == "none":
+    ok = isinstance(method, str) and (method == NONE or method in RULES)
+    check(ok, RULES.field, method, ", ".join((NONE, *RULES)))
+    if method == NONE:
         for name, value in params.items():
-            check(False, f"clip.{name}", value, "no parameters with method 'none'")
+            check(False, name, value, "no parameters with method 'none'")
         return None
-    cls = _RULES[method]
-    accepted = _parameters(cls)
-    names_ = ", ".join(accepted) or "none"
-    for name, value in params.items():
-        check(name in accepted, f"clip.{name}", value, f"parameters of {method!r}: {names_}")
-    for name, p in accepted.items():
-        required = p.default is inspect.Parameter.empty
-        check(
-            not required or name in params, f"clip.{name}", None, f"required by method {method!r}"
-        )
-    try:
-        return cls(**params)
-    except SecateursError as err:
-        raise SecateursError(f"clip.{err}") from None
+    return RULES.build(method, **params)
 
 
 def parameters(method: str) -> dict[str, Any]:
     """Parameter names of ``method`` with their defaults (``inspect.Parameter.empty`` if required)."""
-    check(method in _RULES, "clip.method", method, ", ".join(_RULES))
-    return {n: p.default for n, p in _parameters(_RULES[method]).items()}
+    return RULES.parameters(method)

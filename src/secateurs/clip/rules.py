@@ -29,8 +29,6 @@ from secateurs.clip._tensors import (
     Params,
     as_list,
     check_norm_type,
-    check_optional_bool,
-    check_positive,
     clip_coefficient,
     combine_norms,
     constant,
@@ -46,7 +44,7 @@ from secateurs.clip.functional import _clamp_
 from secateurs.clip.registry import register
 from secateurs.clip.stats import ClipStats
 from secateurs.clip.unitwise import UnitPlan, agc_apply_
-from secateurs.errors import SecateursError, check
+from secateurs.errors import SecateursError, check, check_optional_bool, check_positive
 
 __all__ = ["AGC", "Chain", "GlobalNorm", "Norm", "Rule", "StatefulRule", "Value"]
 
@@ -82,9 +80,8 @@ class Rule:
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore the state returned by :meth:`state_dict`."""
-        check(
-            not state_dict, f"{self.method}.state_dict", sorted(state_dict), "{} (stateless rule)"
-        )
+        stateless = f"{{}} ({type(self).__name__} keeps no state)"
+        check(not state_dict, "state_dict", sorted(state_dict), stateless)
 
     def _fields(self) -> dict[str, Any]:
         return {}
@@ -122,7 +119,7 @@ class StatefulRule(Rule):
             self._state = {}
             return
         template = self._fresh_state(torch.device("meta"))
-        field = f"{self.method}.state_dict"
+        field = "state_dict"
         check(set(state_dict) == set(template), field, sorted(state_dict), str(sorted(template)))
         state: dict[str, Tensor] = {}
         for key, like in template.items():
@@ -140,7 +137,7 @@ class StatefulRule(Rule):
 
     def _check_loaded(self, key: str, value: Tensor, like: Tensor) -> None:
         """Raise if ``value`` cannot replace ``like`` (shape mismatch by default)."""
-        field = f"{self.method}.state_dict[{key!r}]"
+        field = f"state_dict[{key!r}]"
         check(value.shape == like.shape, field, tuple(value.shape), f"shape {tuple(like.shape)}")
 
 
@@ -270,9 +267,9 @@ class Chain(Rule):
     """
 
     def __init__(self, *rules: Rule) -> None:
-        check(len(rules) > 0, "Chain", rules, "one or more rules")
-        for r in rules:
-            check(isinstance(r, Rule), "Chain", r, "Rule instances")
+        check(len(rules) > 0, "rules", rules, "one or more rules")
+        for i, r in enumerate(rules):
+            check(isinstance(r, Rule), f"rules[{i}]", r, "a secateurs.clip rule")
         self.rules: tuple[Rule, ...] = rules
 
     def clip(self, params: list[Tensor]) -> ClipStats:
@@ -286,12 +283,15 @@ class Chain(Rule):
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         expected = [str(i) for i in range(len(self.rules))]
-        if set(state_dict) != set(expected):
-            raise SecateursError(
-                f"Chain.state_dict: got keys {sorted(state_dict)}; allowed: {expected}"
-            )
+        check(set(state_dict) == set(expected), "state_dict", sorted(state_dict), f"keys {expected}")
         for i, r in enumerate(self.rules):
-            r.load_state_dict(state_dict[str(i)])
+            try:
+                r.load_state_dict(state_dict[str(i)])
+            except SecateursError as err:  # name the entry: state_dict['1']['count']
+                if err.field is None or not err.field.startswith("state_dict"):
+                    raise
+                field = f"state_dict[{str(i)!r}]{err.field.removeprefix('state_dict')}"
+                raise SecateursError(field + str(err)[len(err.field) :], field=field) from None
 
     def __repr__(self) -> str:
         return f"Chain({', '.join(map(repr, self.rules))})"

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from secateurs.clip._tensors import has_dtensor, shape_groups
-from secateurs.errors import SecateursError
+from secateurs.errors import SecateursError, check
 
 if TYPE_CHECKING:
     from secateurs.clip._agc_fused import FusedSegment
@@ -88,15 +88,16 @@ def _fused_module(required: bool) -> ModuleType | None:
                               RuntimeWarning, stacklevel=4)  # fmt: skip
             _FUSED.append(None)
     if required and _FUSED[0] is None:
-        raise SecateursError("agc: fused=True needs Triton; allowed: fused=False or None")
+        check(False, "fused", True, "False or None (fused=True needs Triton, which is not installed)")
     return _FUSED[0]
 
 
 def _check_plain(grads: list[Tensor]) -> None:
     if has_dtensor(grads):
         raise SecateursError(
-            "agc: got DTensor gradients; allowed: ordinary tensors (unit-wise norms need "
-            "whole rows; use GlobalNorm, AutoClip or ZClip for sharded models)"
+            "params: got DTensor gradients; allowed: ordinary tensors for AGC (unit-wise norms "
+            "need whole rows; use GlobalNorm, AutoClip or ZClip for sharded models)",
+            field="params",
         )
 
 

@@ -68,6 +68,14 @@ class ClippedOptimizer(torch.optim.Optimizer):
 
     ``copy.deepcopy`` and pickle copy the rule, log and inner optimizer but, like PyTorch's own
     optimizer hooks, no pre-clip hooks: register them again on the copy.
+
+    Its public protocol, for code that must not import :mod:`secateurs.clip` and so tells a
+    wrapper by duck typing (``hasattr(opt, "register_pre_clip_hook")``):
+
+    * :meth:`register_pre_clip_hook` - anyone, the Pruner included, can register a pre-clip
+      hook: ``hook(wrapped)`` runs on every step before the rule clips, and may change
+      ``.grad`` in place (``secateurs.prune.Pruner.attach`` zeroes pruned gradients there);
+    * ``.optimizer`` - the inner optimizer, whose own step hooks run after the clipping.
     """
 
     # GradScaler must unscale before our step (we clip unscaled gradients); never inherit the

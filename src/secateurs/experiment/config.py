@@ -16,7 +16,7 @@ from typing import Any, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from secateurs.errors import SecateursError
+from secateurs.errors import SecateursError, config_keys
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -152,7 +152,8 @@ class SweepConfig(_Section):
             if not isinstance(method, str):
                 raise ValueError(f"{item!r} names no method; allowed: a rule name or a table with 'method'")
             try:
-                clip.build(method, **params)
+                with config_keys("clip."):
+                    clip.build(method, **params)
             except SecateursError as exc:
                 raise ValueError(str(exc)) from None
         return value
@@ -194,7 +195,8 @@ class RunConfig(_Section):
         from secateurs import clip, prune
         from secateurs.experiment.models import MODELS
 
-        clip.build(self.clip.method, **self.clip.params())
+        with config_keys("clip."):
+            clip.build(self.clip.method, **self.clip.params())
         criteria = tuple(prune.GROUP_CRITERIA) if self.prune.kind == "structured" else prune.CRITERIA
         if self.prune.kind != "none" and self.prune.criterion not in criteria:
             raise SecateursError(f"prune.criterion: got {self.prune.criterion!r}; allowed: {', '.join(criteria)}")

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from secateurs import clip, prune
-from secateurs.errors import SecateursError
+from secateurs.errors import SecateursError, check
 from secateurs.prune.criteria import Criterion, LossFn
 
 try:
@@ -44,7 +44,7 @@ class GradientClipping(pl.Callback):
     """Clip gradients with a secateurs rule before every optimizer step, and log the norm.
 
     Args:
-        rule: a :class:`~secateurs.clip.Rule`, or a method name from :data:`secateurs.clip.METHODS`.
+        rule: a :class:`~secateurs.clip.Rule`, or a method name from :data:`secateurs.clip.RULES`.
         **params: the rule's arguments when ``rule`` is a name (``max_norm=1.0``).
 
     The rule runs in ``on_before_optimizer_step``: after gradient accumulation, after AMP
@@ -58,23 +58,19 @@ class GradientClipping(pl.Callback):
 
     def __init__(self, rule: clip.Rule | str, **params: Any) -> None:
         if isinstance(rule, str):
-            built = clip.build(rule, **params)
-            if built is None:
-                raise SecateursError("rule: got 'none'; allowed: a clipping rule (leave the callback out to not clip)")
-            rule = built
-        elif params:
-            raise SecateursError(f"params: got {sorted(params)} with a rule object; allowed: arguments only with a method name")
-        if not isinstance(rule, clip.Rule):
-            raise SecateursError(f"rule: got {type(rule).__name__}; allowed: a secateurs.clip rule or a method name")
-        self.rule = rule
+            # the method is this callback's `rule`; the rule's own arguments keep their names
+            check(rule != "none", "rule", rule, "a clipping rule (leave the callback out to not clip)")
+            check(rule in clip.RULES, "rule", rule, ", ".join(clip.RULES))
+            rule = clip.build(rule, **params)  # type: ignore[assignment]
+        else:
+            check(not params, "params", sorted(params), "arguments only with a method name, not with a rule object")
+        check(isinstance(rule, clip.Rule), "rule", rule, "a secateurs.clip rule or a method name")
+        self.rule: clip.Rule = rule  # type: ignore[assignment]
         self.clip_log = clip.ClipLog()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if trainer.gradient_clip_val:
-            raise SecateursError(
-                f"gradient_clip_val: got {trainer.gradient_clip_val!r} on the Trainer; allowed: None "
-                "when the GradientClipping callback clips (use one of the two)"
-            )
+        allowed = "None on the Trainer when the GradientClipping callback clips (use one of the two)"
+        check(not trainer.gradient_clip_val, "gradient_clip_val", trainer.gradient_clip_val, allowed)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer

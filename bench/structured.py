@@ -2,7 +2,7 @@
 
 1. Speed: a VGG-style CNN with BatchNorm at ratio 0.5 (every layer loses half its channels),
    CPU, 2 threads, batch 32 of 32x32 inputs. MACs reduction and latency speedup (median of
-   >= 30 runs, the models timed in turn) for ``secateurs.prune.surgery.structured`` and for
+   >= 30 runs, the models timed in turn) for ``secateurs.prune.structured`` and for
    ``tp.pruner.MagnitudePruner``. Target: ours >= 0.95x Torch-Pruning's speedup.
 2. Accuracy: the seed CNN and an MLP trained on scikit-learn's digits, pruned to the same MACs
    by Torch-Pruning's MagnitudePruner and by each of our criteria (layer and global scope),
@@ -62,7 +62,7 @@ def speed(model_name: str, ratio: float, threads: int, batch: int, runs: int, re
     dense = build_model(model_name, input_shape=(3, 32, 32), num_classes=10).eval()
     x = torch.randn(batch, 3, 32, 32)
     t0 = time.perf_counter()
-    ours = structured(dense, x[:1], ratio=ratio, scope="layer", criterion="magnitude").eval()
+    ours = structured(dense, x[:1], sparsity=ratio, scope="layer", criterion="magnitude").eval()
     t_ours = time.perf_counter() - t0
     t0 = time.perf_counter()
     theirs = tp_magnitude(dense, x[:1], ratio).eval()

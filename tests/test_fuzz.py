@@ -151,7 +151,7 @@ def test_random_models_through_structured_shrink_or_fail_clearly(net: RandomNet,
     x = net.example()
     before = sum(p.numel() for p in net.parameters())
     try:
-        small = prune.structured(net, x, ratio=ratio, scope=scope)
+        small = prune.structured(net, x, sparsity=ratio, scope=scope)
     except SecateursError as exc:
         assert "\n" not in str(exc)
         return

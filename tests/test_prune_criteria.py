@@ -42,7 +42,7 @@ def scores_of(criterion: str, model: nn.Module | None = None, **options: object)
 
 
 def test_registry_names_every_criterion():
-    assert CRITERIA == ("magnitude", "gradient", "activation", "taylor", "movement", "random", "synflow")
+    assert tuple(CRITERIA) == ("magnitude", "gradient", "activation", "taylor", "movement", "random", "synflow")
 
 
 def test_magnitude_l1_is_absolute_value():
@@ -265,12 +265,12 @@ def test_unknown_criterion_lists_the_allowed_ones():
         Pruner(tiny(), sparsity=0.5, criterion="nonsense")
 
 
-def test_bad_criterion_options_name_the_field():
-    with pytest.raises(SecateursError, match=r"criterion\.p"):
+def test_bad_criterion_options_name_the_argument():
+    with pytest.raises(SecateursError, match=r"^p: got 3; allowed: 1 \(L1\) or 2 \(L2\)"):
         make_criterion("magnitude", p=3)
-    with pytest.raises(SecateursError, match="criterion options"):
+    with pytest.raises(SecateursError, match=r"^bogus: got 1; allowed: parameters of criterion 'magnitude': p$"):
         make_criterion("magnitude", bogus=1)
-    with pytest.raises(SecateursError, match=r"criterion\.iterations"):
+    with pytest.raises(SecateursError, match=r"^iterations: got 0; allowed: an integer >= 1"):
         make_criterion("synflow", iterations=0)
 
 

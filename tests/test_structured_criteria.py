@@ -9,7 +9,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from secateurs.errors import SecateursError
-from secateurs.prune.structured_criteria import (
+from secateurs.prune import Pruner
+from secateurs.prune.surgery.criteria import (
     GROUP_CRITERIA,
     GroupActivation,
     GroupBNScale,
@@ -17,6 +18,7 @@ from secateurs.prune.structured_criteria import (
     GroupMagnitude,
     GroupRandom,
     GroupTaylor,
+    GroupTaylorAbs,
     make_group_criterion,
 )
 from secateurs.prune.surgery import structured
@@ -73,7 +75,7 @@ def test_gradient_is_the_mean_over_batches_of_summed_absolute_gradients() -> Non
     torch.testing.assert_close(got, expected / len(BATCHES))
 
 
-def test_taylor_is_the_summed_absolute_weight_times_gradient_averaged_over_batches() -> None:
+def test_taylor_abs_is_the_summed_absolute_weight_times_gradient_averaged_over_batches() -> None:
     net, group = tiny()
     expected = torch.zeros(3, dtype=torch.float64)
     for x, y in BATCHES:
@@ -82,8 +84,26 @@ def test_taylor_is_the_summed_absolute_weight_times_gradient_averaged_over_batch
         l1, l2 = net[0], net[2]
         saliency = (l1.weight * l1.weight.grad).abs().sum(1) + (l2.weight * l2.weight.grad).abs().sum(0)
         expected += saliency.detach().double()
-    got = observe(GroupTaylor(), net, group, loss=True)
+    got = observe(GroupTaylorAbs(), net, group, loss=True)
     torch.testing.assert_close(got, expected / len(BATCHES))
+
+
+def test_taylor_is_the_mask_taylor_score_summed_over_each_channel() -> None:
+    net, group = tiny()
+    mean_grads = [torch.zeros_like(net[0].weight), torch.zeros_like(net[2].weight)]
+    for x, y in BATCHES:
+        net.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        mean_grads[0] += net[0].weight.grad / len(BATCHES)
+        mean_grads[1] += net[2].weight.grad / len(BATCHES)
+    # the per-weight score of the mask criterion "taylor": |w * mean g|
+    pruner = Pruner(net, sparsity=0.5, criterion="taylor")
+    pruner.score(BATCHES, F.cross_entropy)
+    per_weight = pruner.scores()
+    torch.testing.assert_close(per_weight["0.weight"], (net[0].weight * mean_grads[0]).abs().detach())
+    expected = per_weight["0.weight"].sum(1) + per_weight["2.weight"].sum(0)
+    got = observe(GroupTaylor(), net, group, loss=True)
+    torch.testing.assert_close(got, expected.double())
 
 
 def test_activation_is_mean_absolute_input_times_the_weights_reading_it() -> None:
@@ -117,7 +137,7 @@ def test_random_is_reproducible_from_its_seed() -> None:
 
 
 def test_criteria_are_registered_by_name() -> None:
-    assert set(GROUP_CRITERIA) == {"magnitude", "taylor", "gradient", "activation", "bn_scale", "random"}
+    assert set(GROUP_CRITERIA) == {"magnitude", "taylor", "taylor_abs", "gradient", "activation", "bn_scale", "random"}
     assert isinstance(make_group_criterion("taylor"), GroupTaylor)
     with pytest.raises(SecateursError, match="criterion: got 'l2'"):
         make_group_criterion("l2")
@@ -128,7 +148,7 @@ def test_magnitude_removes_the_weakest_neurons() -> None:
     with torch.no_grad():
         net[0].weight[1] *= 0.01
         net[2].weight[:, 1] *= 0.01
-    small = structured(net, torch.zeros(1, 4), ratio=0.3)
+    small = structured(net, torch.zeros(1, 4), sparsity=0.3)
     keep = [0, 2]
     torch.testing.assert_close(small[0].weight, net[0].weight[keep])
 
@@ -140,7 +160,7 @@ def test_data_criteria_prune_the_zoo_cnn_with_batches(name: str) -> None:
     torch.manual_seed(0)
     model = build_model("seed-cnn", input_shape=(1, 8, 8), num_classes=10)
     batches = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))) for _ in range(2)]
-    small = structured(model, batches[0][0], ratio=0.5, criterion=name, batches=batches)
+    small = structured(model, batches[0][0], sparsity=0.5, criterion=name, batches=batches)
     assert [m.out_channels for m in small.features if isinstance(m, nn.Conv2d)] == [16, 32, 32]
     assert all(p.grad is None for p in small.parameters())
 
@@ -148,7 +168,7 @@ def test_data_criteria_prune_the_zoo_cnn_with_batches(name: str) -> None:
 def test_data_criteria_accept_a_one_shot_iterator_over_several_rounds() -> None:
     net, _ = tiny()
     batches = iter([(x, y) for x, y in BATCHES])
-    small = structured(net, torch.zeros(1, 4), ratio=0.6, criterion="taylor", batches=batches, rounds=2)
+    small = structured(net, torch.zeros(1, 4), sparsity=0.6, criterion="taylor", batches=batches, rounds=2)
     assert small[0].out_features == 1
 
 
@@ -156,16 +176,16 @@ def test_data_criteria_accept_a_one_shot_iterator_over_several_rounds() -> None:
 def test_data_criteria_without_batches_are_refused(name: str) -> None:
     net, _ = tiny()
     with pytest.raises(SecateursError, match=f"batches: got None.*criterion '{name}' reads data"):
-        structured(net, torch.zeros(1, 4), ratio=0.5, criterion=name)
+        structured(net, torch.zeros(1, 4), sparsity=0.5, criterion=name)
 
 
 def test_empty_batches_are_refused() -> None:
     net, _ = tiny()
     with pytest.raises(SecateursError, match="batches: got 'an empty iterable'"):
-        structured(net, torch.zeros(1, 4), ratio=0.5, criterion="gradient", batches=[])
+        structured(net, torch.zeros(1, 4), sparsity=0.5, criterion="gradient", batches=[])
 
 
 def test_bn_scale_on_a_model_without_normalisation_is_refused() -> None:
     net, _ = tiny()
     with pytest.raises(SecateursError, match="criterion: got 'bn_scale'"):
-        structured(net, torch.zeros(1, 4), ratio=0.5, criterion="bn_scale")
+        structured(net, torch.zeros(1, 4), sparsity=0.5, criterion="bn_scale")

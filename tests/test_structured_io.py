@@ -13,7 +13,7 @@ from torch import nn
 
 from secateurs.errors import SecateursError
 from secateurs.experiment.models import build_model
-from secateurs.prune.structured_io import load_structured, save_structured
+from secateurs.prune.surgery.checkpoint import load_structured, save_structured
 from secateurs.prune.surgery import pruning_record, structured
 
 DIGITS = (1, 8, 8)
@@ -31,7 +31,7 @@ X = torch.randn(3, *DIGITS, generator=torch.Generator().manual_seed(1))
 
 @pytest.mark.parametrize("name", ZOO)
 def test_a_pruned_zoo_model_reloads_into_a_fresh_one_with_identical_outputs(name: str, tmp_path: Path) -> None:
-    small = structured(fresh(name), X, ratio=0.5, scope="global").eval()
+    small = structured(fresh(name), X, sparsity=0.5, scope="global").eval()
     save_structured(small, tmp_path / "m.safetensors")
     loaded = load_structured(tmp_path / "m.safetensors", fresh(name, seed=7)).eval()
     assert [p.shape for p in loaded.parameters()] == [p.shape for p in small.parameters()]
@@ -40,7 +40,7 @@ def test_a_pruned_zoo_model_reloads_into_a_fresh_one_with_identical_outputs(name
 
 
 def test_the_checkpoint_holds_layer_shapes_as_json_and_no_pickle(tmp_path: Path) -> None:
-    small = structured(fresh("transformer"), X, ratio=0.5)
+    small = structured(fresh("transformer"), X, sparsity=0.5)
     path = tmp_path / "t.safetensors"
     save_structured(small, path)
     with safe_open(str(path), framework="pt") as f:
@@ -52,18 +52,18 @@ def test_the_checkpoint_holds_layer_shapes_as_json_and_no_pickle(tmp_path: Path)
 
 
 def test_reloaded_models_keep_their_record_so_ratios_stay_cumulative(tmp_path: Path) -> None:
-    small = structured(fresh("seed-cnn"), X, ratio=0.25)
+    small = structured(fresh("seed-cnn"), X, sparsity=0.25)
     save_structured(small, tmp_path / "s.safetensors")
     loaded = load_structured(tmp_path / "s.safetensors", fresh("seed-cnn"))
     assert pruning_record(loaded) == pruning_record(small)
-    again = structured(loaded, X, ratio=0.5)
+    again = structured(loaded, X, sparsity=0.5)
     assert [m.out_channels for m in again.features if isinstance(m, nn.Conv2d)] == [16, 32, 32]
 
 
 def test_batchnorm_running_statistics_round_trip(tmp_path: Path) -> None:
     model = fresh("resnet20").train()
     model(torch.randn(8, *DIGITS))
-    small = structured(model, X, ratio=0.5)
+    small = structured(model, X, sparsity=0.5)
     save_structured(small, tmp_path / "r.safetensors")
     loaded = load_structured(tmp_path / "r.safetensors", fresh("resnet20"))
     assert torch.equal(loaded.bn1.running_var, small.bn1.running_var)
@@ -71,7 +71,7 @@ def test_batchnorm_running_statistics_round_trip(tmp_path: Path) -> None:
 
 
 def test_the_write_is_atomic_and_leaves_no_temporary_file(tmp_path: Path) -> None:
-    small = structured(fresh("mlp"), X, ratio=0.5)
+    small = structured(fresh("mlp"), X, sparsity=0.5)
     path = tmp_path / "sub" / "m.safetensors"
     save_structured(small, path)
     save_structured(small, path)  # overwrite in place
@@ -79,13 +79,13 @@ def test_the_write_is_atomic_and_leaves_no_temporary_file(tmp_path: Path) -> Non
 
 
 def test_loading_into_another_architecture_is_refused(tmp_path: Path) -> None:
-    save_structured(structured(fresh("mlp"), X, ratio=0.5), tmp_path / "m.safetensors")
+    save_structured(structured(fresh("mlp"), X, sparsity=0.5), tmp_path / "m.safetensors")
     with pytest.raises(SecateursError, match=r"model: got SeedCNN.*saved from MLP"):
         load_structured(tmp_path / "m.safetensors", fresh("seed-cnn"))
 
 
 def test_loading_into_a_differently_configured_model_is_refused(tmp_path: Path) -> None:
-    save_structured(structured(fresh("mlp"), X, ratio=0.5), tmp_path / "m.safetensors")
+    save_structured(structured(fresh("mlp"), X, sparsity=0.5), tmp_path / "m.safetensors")
     other = build_model("mlp", input_shape=DIGITS, num_classes=10, hidden=(300,))
     with pytest.raises(SecateursError, match="model: "):
         load_structured(tmp_path / "m.safetensors", other)

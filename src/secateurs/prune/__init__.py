@@ -1,14 +1,19 @@
-"""Pruning: bool masks applied in place, importance criteria, selection, schedules, sparse files.
+"""Pruning: bool masks applied in place, importance criteria, selection, schedules, sparse files,
+and structured removal of channels.
 
 Where things live:
 
 - :mod:`~secateurs.prune.masks`: which weights are prunable; applying masks in place.
-- :mod:`~secateurs.prune.criteria`: importance scores, one registered class per criterion.
+- :mod:`~secateurs.prune.criteria`: importance scores, one registered class per criterion
+  (:data:`CRITERIA`); :mod:`~secateurs.prune.activations` records the inputs some of them read.
 - :mod:`~secateurs.prune.selection`: global / layer-wise lowest-k and N:M blocks.
 - :mod:`~secateurs.prune.pruner`: :class:`Pruner`, which ties them together.
 - :mod:`~secateurs.prune.schedules`: one-shot, iterative, AGP and lottery-ticket rewinding.
 - :mod:`~secateurs.prune.checkpoint`: sparse safetensors files (bitmask + non-zeros).
 - :mod:`~secateurs.prune.report`: per-layer sparsity and FLOPs.
+- :mod:`~secateurs.prune.surgery`: structured pruning, :func:`structured` (channels, neurons,
+  heads physically removed; its own criteria in :data:`GROUP_CRITERIA`).
+- :mod:`~secateurs.prune.calibration`: reserved for one-shot pruning from calibration data.
 
 >>> import torch
 >>> from torch import nn
@@ -36,9 +41,15 @@ from secateurs.prune.masks import PRUNABLE_MODULES, Target, apply_masks_, find_t
 from secateurs.prune.pruner import SCOPES, Pruner
 from secateurs.prune.report import LayerSparsity, SparsityReport, sparsity_report
 from secateurs.prune.schedules import SCHEDULES
-from secateurs.prune.structured_criteria import GROUP_CRITERIA
-from secateurs.prune.structured_io import load_structured, save_structured
-from secateurs.prune.surgery import pruning_record, structured
+from secateurs.prune.surgery import (
+    GROUP_CRITERIA,
+    GroupCriterion,
+    load_structured,
+    pruning_record,
+    register_group_criterion,
+    save_structured,
+    structured,
+)
 
 __all__ = [
     "CRITERIA",
@@ -47,6 +58,7 @@ __all__ = [
     "SCHEDULES",
     "SCOPES",
     "Criterion",
+    "GroupCriterion",
     "LayerSparsity",
     "Pruner",
     "SparsityReport",
@@ -61,6 +73,7 @@ __all__ = [
     "read_checkpoint",
     "read_metadata",
     "register",
+    "register_group_criterion",
     "save",
     "save_structured",
     "schedules",

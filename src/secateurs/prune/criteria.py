@@ -1,7 +1,8 @@
 """Importance criteria: a score per weight, higher means keep.
 
-Each criterion is a small class registered by name in :data:`REGISTRY`; adding one means
-writing a class here and decorating it with :func:`register`. The :class:`~secateurs.prune.Pruner`
+Each criterion is a small class registered by name in :data:`CRITERIA`; adding one means
+writing a class and decorating it with ``@register("name")`` (a name already taken is an error
+unless ``replace=True``). The :class:`~secateurs.prune.Pruner`
 drives a criterion through four calls:
 
 1. ``bind(model, targets)`` once;
@@ -26,17 +27,19 @@ drives a criterion through four calls:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from secateurs.errors import SecateursError
+from secateurs.errors import SecateursError, check, check_int
+from secateurs.inputs import forward, pairs, to_device
 from secateurs.prune.activations import ActivationStats
 from secateurs.prune.masks import Target
 from secateurs.prune.selection import CHUNK
+from secateurs.registry import Registry
 
 __all__ = [
     "CRITERIA",
@@ -56,17 +59,34 @@ __all__ = [
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
-REGISTRY: dict[str, type[Criterion]] = {}
+CRITERIA: Registry[Criterion] = Registry("criterion", field="criterion")
+"""Mask criteria by name, the ones users registered included."""
+
+REGISTRY = CRITERIA
+"""Deprecated alias of :data:`CRITERIA` (removed in secateurs 0.3)."""
 
 
-def register(cls: type[Criterion]) -> type[Criterion]:
-    """Class decorator: make ``cls`` available by its ``name``."""
-    REGISTRY[cls.name] = cls
-    return cls
+def register(name: str | type[Criterion], *, replace: bool = False) -> Any:
+    """Class decorator: ``@register("name")`` makes a :class:`Criterion` available by name.
+
+    A name already registered is an error unless ``replace=True``. The old bare form
+    ``@register`` on a class with a ``name`` attribute still works in 0.2, with a
+    DeprecationWarning.
+    """
+    if isinstance(name, type):
+        import warnings
+
+        warnings.warn(
+            "@register without a name is deprecated (removed in secateurs 0.3); use @register(\"name\")",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return CRITERIA.register(name.name, replace=replace)(name)
+    return CRITERIA.register(name, replace=replace)
 
 
 class Criterion:
-    """Base class. Subclasses set ``name`` and implement :meth:`chunk`."""
+    """Base class. Subclasses are registered with ``@register("name")`` and implement :meth:`chunk`."""
 
     name: ClassVar[str] = ""
     requires_data: ClassVar[bool] = False
@@ -158,16 +178,15 @@ def _all_reduce_sum(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-@register
+@register("magnitude")
 class MagnitudeCriterion(Criterion):
     """``|w|`` for ``p=1`` (L1), ``w**2`` for ``p=2`` (L2): the same ranking of single weights."""
 
-    name = "magnitude"
 
     def __init__(self, p: int = 1):
         super().__init__()
         if p not in (1, 2):
-            raise SecateursError(f"criterion.p: got {p!r}; allowed: 1 (L1) or 2 (L2)")
+            raise SecateursError(f"p: got {p!r}; allowed: 1 (L1) or 2 (L2)")
         self.p = p
         self._weights: list[torch.Tensor] = []
 
@@ -185,39 +204,6 @@ class MagnitudeCriterion(Criterion):
 
     def options(self) -> dict[str, Any]:
         return {"p": self.p}
-
-
-def _batches(batches: Iterable[Any], max_batches: int | None) -> Iterator[tuple[Any, Any]]:
-    seen = 0
-    for batch in batches:
-        if max_batches is not None and seen >= max_batches:
-            break
-        if not (isinstance(batch, tuple | list) and len(batch) == 2):
-            raise SecateursError(
-                f"batches: got an item of type {type(batch).__name__}; allowed: (inputs, targets) pairs"
-            )
-        seen += 1
-        yield batch[0], batch[1]
-    if seen == 0:
-        raise SecateursError("batches: got no batch; allowed: an iterable of at least one (inputs, targets) pair")
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple | list):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
-
-
-def _forward(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, tuple | list):
-        return model(*inputs)
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    return model(inputs)
 
 
 class _DataCriterion(Criterion):
@@ -321,8 +307,8 @@ class _GradientStatistic(_DataCriterion):
         params = [t.param for t in self.targets]
         live = [i for i, p in enumerate(params) if p.requires_grad]
         seen = 0
-        for inputs, labels in _batches(batches, max_batches):
-            loss = loss_fn(_forward(self.model, _to(inputs, device)), _to(labels, device))
+        for inputs, labels in pairs(batches, max_batches):
+            loss = loss_fn(forward(self.model, to_device(inputs, device)), to_device(labels, device))
             if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
                 raise SecateursError(f"loss_fn: returned {type(loss).__name__} {getattr(loss, 'shape', '')}; allowed: a scalar tensor")
             grads = torch.autograd.grad(loss, [params[i] for i in live], allow_unused=True)
@@ -338,11 +324,10 @@ class _GradientStatistic(_DataCriterion):
         raise NotImplementedError
 
 
-@register
+@register("gradient")
 class GradientCriterion(_GradientStatistic):
     """``|dL/dw|`` averaged over the scored batches (the seeds' gradient-magnitude pruning)."""
 
-    name = "gradient"
 
     def _accumulate(self, index: int, weight: torch.Tensor, grad: torch.Tensor) -> None:
         self._add(index, grad.abs())
@@ -352,12 +337,11 @@ class GradientCriterion(_GradientStatistic):
         return total / count
 
 
-@register
+@register("activation")
 class ActivationCriterion(_DataCriterion):
     """``|w| * mean |x|`` where ``x`` is the input ``w`` multiplies: the seeds' importance
     ``sum |activation x weight|`` (up to the number of samples). Needs inputs, not labels."""
 
-    name = "activation"
 
     def bind(self, model: nn.Module, targets: Sequence[Target]) -> None:
         super().bind(model, targets)
@@ -372,8 +356,8 @@ class ActivationCriterion(_DataCriterion):
         device = self._device()
         seen = 0
         with torch.no_grad(), self.stats.record():
-            for inputs, _ in _batches(batches, max_batches):
-                _forward(self.model, _to(inputs, device))
+            for inputs, _ in pairs(batches, max_batches):
+                forward(self.model, to_device(inputs, device))
                 seen += 1
         missing = self.stats.missing()
         if missing:
@@ -420,12 +404,11 @@ class ActivationCriterion(_DataCriterion):
             stat.count = None if saved is None else saved["count"].clone()
 
 
-@register
+@register("taylor")
 class TaylorCriterion(_GradientStatistic):
     """``|w * g|`` with ``g`` the mean gradient over the scored batches: the first-order estimate
     of the loss change when ``w`` is removed. Scored at initialisation this is SNIP."""
 
-    name = "taylor"
 
     def _accumulate(self, index: int, weight: torch.Tensor, grad: torch.Tensor) -> None:
         self._add(index, grad)
@@ -436,7 +419,7 @@ class TaylorCriterion(_GradientStatistic):
         return (weight * (total / count)).abs()
 
 
-@register
+@register("movement")
 class MovementCriterion(_GradientStatistic):
     """``-sum_t w_t * g_t``: weights moving away from zero score high (Sanh et al. 2020).
 
@@ -444,7 +427,6 @@ class MovementCriterion(_GradientStatistic):
     scored batches; averaged over ranks under ``torch.distributed``.
     """
 
-    name = "movement"
     signed = True
     accumulates = True
 
@@ -465,12 +447,11 @@ class MovementCriterion(_GradientStatistic):
         return total / _world()
 
 
-@register
+@register("random")
 class RandomCriterion(Criterion):
     """Uniform random scores. Each pruning step draws afresh; ``seed`` makes it reproducible
     (``None`` takes one from torch's global generator when bound, broadcast from rank 0)."""
 
-    name = "random"
 
     def __init__(self, seed: int | None = None):
         super().__init__()
@@ -512,7 +493,7 @@ class RandomCriterion(Criterion):
         self.draws = int(state.get("draws", 0))
 
 
-@register
+@register("synflow")
 class SynFlowCriterion(Criterion):
     """Iterative synaptic flow (Tanaka et al. 2020): data-free, avoids layer collapse.
 
@@ -523,20 +504,17 @@ class SynFlowCriterion(Criterion):
     batch dimension) is given here or taken from the first batch passed to ``Pruner.score``.
     """
 
-    name = "synflow"
 
     def __init__(self, iterations: int = 100, input_shape: Sequence[int] | None = None):
         super().__init__()
-        if not (isinstance(iterations, int) and iterations >= 1):
-            raise SecateursError(f"criterion.iterations: got {iterations!r}; allowed: an integer >= 1")
-        self.iterations = iterations
+        self.iterations = check_int(iterations, "iterations", minimum=1)
         self.input_shape = None if input_shape is None else tuple(int(v) for v in input_shape)
         self._copy: nn.Module | None = None
         self._scores: list[torch.Tensor] = []
 
     def observe(self, batches: Iterable[Any], loss_fn: LossFn | None, *, max_batches: int | None = None) -> int:
         if self.input_shape is None:
-            inputs, _ = next(_batches(batches, 1))
+            inputs, _ = next(pairs(batches, 1))
             if not isinstance(inputs, torch.Tensor):
                 raise SecateursError(
                     f"criterion: got 'synflow' with inputs of type {type(inputs).__name__}; allowed: "
@@ -597,10 +575,6 @@ class SynFlowCriterion(Criterion):
         self.iterations = int(state["options"].get("iterations", self.iterations))
 
 
-CRITERIA: tuple[str, ...] = tuple(REGISTRY)
-"""Names of the registered criteria."""
-
-
 def make_criterion(criterion: str | Criterion, **options: Any) -> Criterion:
     """A criterion instance from a name (with constructor ``options``) or an instance.
 
@@ -609,9 +583,6 @@ def make_criterion(criterion: str | Criterion, **options: Any) -> Criterion:
     """
     if isinstance(criterion, Criterion):
         return criterion
-    if not isinstance(criterion, str) or criterion not in REGISTRY:
-        raise SecateursError(f"criterion: got {criterion!r}; allowed: {', '.join(REGISTRY)}")
-    try:
-        return REGISTRY[criterion](**options)
-    except TypeError as exc:
-        raise SecateursError(f"criterion options: got {options!r} for {criterion!r}; {exc}") from None
+    check(isinstance(criterion, str) and criterion in CRITERIA, "criterion", criterion,
+          f"{', '.join(CRITERIA)} or a Criterion instance")
+    return CRITERIA.build(criterion, **options)

@@ -1,10 +1,10 @@
 """The :class:`Pruner`: shaped like an optimizer, it owns the masks of one model.
 
 ``step()`` scores the targeted weights with its criterion, selects the lowest-scoring ones
-(over all targets together, or layer by layer, optionally in N:M blocks) and zeroes them in
-place. ``attach(optimizer)`` keeps them at zero while that optimizer trains the model (and, for an
-optimizer from :func:`secateurs.clip.wrap`, zeroes their gradients before the clipping rule
-sees them). The model itself is never wrapped or hooked, so its state_dict keys,
+(over all targets together, or layer by layer, optionally in N:M blocks) or every one scoring
+below an absolute threshold, and zeroes them in place. ``attach(optimizer)`` keeps them at zero
+while that optimizer trains the model (and, for an optimizer with a pre-clip hook such as
+:func:`secateurs.clip.wrap`'s, zeroes their gradients before the clipping rule sees them). The model itself is never wrapped or hooked, so its state_dict keys,
 ``copy.deepcopy`` and pickle behave exactly as for an unpruned model.
 """
 
@@ -19,8 +19,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from secateurs.clip.wrap import ClippedOptimizer
-from secateurs.errors import SecateursError
+from secateurs.errors import SecateursError, check, check_choice, check_fraction, check_int
 from secateurs.prune.criteria import Criterion, LossFn, make_criterion
 from secateurs.prune.masks import (
     Target,
@@ -29,7 +28,7 @@ from secateurs.prune.masks import (
     mask_grads_,
     mask_optimizer_state_,
 )
-from secateurs.prune.selection import nm_keep, parse_pattern, prune_lowest_
+from secateurs.prune.selection import CHUNK, nm_keep, parse_pattern, prune_lowest_
 
 __all__ = ["SCOPES", "Pruner", "check_sparsity"]
 
@@ -41,9 +40,13 @@ _STATE_VERSION = 1
 
 def check_sparsity(value: object, field: str = "sparsity") -> float:
     """``value`` as a float in [0, 1), or :class:`SecateursError` naming ``field``."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= float(value) < 1.0
-    if not ok or math.isnan(float(value)):  # type: ignore[arg-type]
-        raise SecateursError(f"{field}: got {value!r}; allowed: a number in [0, 1)")
+    return check_fraction(value, field)
+
+
+def check_threshold(value: object, field: str = "threshold") -> float:
+    """``value`` as a finite float (weights scoring below it are pruned)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    check(ok, field, value, "a finite number: targeted weights scoring below it are pruned")
     return float(value)  # type: ignore[arg-type]
 
 
@@ -63,7 +66,7 @@ class _BeforeClip:
     def __init__(self, pruner: Pruner):
         self.pruner = pruner
 
-    def __call__(self, optimizer: ClippedOptimizer) -> None:
+    def __call__(self, optimizer: torch.optim.Optimizer) -> None:
         self.pruner.mask_grads_()
 
 
@@ -78,11 +81,14 @@ class _AfterStep:
 
 
 class Pruner:
-    """Unstructured pruning of a model's weights to a target sparsity.
+    """Unstructured pruning of a model's weights to a target sparsity or below a threshold.
 
     Args:
         model: the model; its weights are zeroed in place.
         sparsity: fraction of the targeted weights to prune, in [0, 1).
+        threshold: instead of ``sparsity``: prune every targeted weight whose score is below it
+            (``threshold=0.1`` with ``magnitude`` prunes every ``|w| < 0.1``, as the seeds do);
+            :meth:`step` returns the sparsity reached. The scope plays no part then.
         criterion: a name from :data:`~secateurs.prune.CRITERIA` or a
             :class:`~secateurs.prune.criteria.Criterion` instance.
         scope: ``"global"`` ranks all targeted weights together; ``"layer"`` prunes every weight
@@ -101,6 +107,10 @@ class Pruner:
     left": calling it twice changes nothing, and already pruned weights stay pruned while the
     sparsity rises.
 
+    The words are the same as :func:`~secateurs.prune.structured`'s: ``sparsity`` is the fraction
+    removed, ``exclude`` what is left alone, ``scope`` global or per-layer ranking. Only the
+    default scope differs (``"global"`` here, ``"layer"`` there; see its docstring for why).
+
     >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
     >>> pruner = Pruner(model, sparsity=0.75)
     >>> round(pruner.step(), 2)
@@ -113,7 +123,8 @@ class Pruner:
         self,
         model: nn.Module,
         *,
-        sparsity: float,
+        sparsity: float | None = None,
+        threshold: float | None = None,
         criterion: str | Criterion = "magnitude",
         scope: str = "global",
         targets: Iterable[str | type[nn.Module]] | None = None,
@@ -121,10 +132,14 @@ class Pruner:
         per_layer: Mapping[str, float] | None = None,
         pattern: str | tuple[int, int] | None = None,
     ):
-        self.sparsity = check_sparsity(sparsity)
-        if scope not in SCOPES:
-            raise SecateursError(f"scope: got {scope!r}; allowed: {', '.join(SCOPES)}")
-        self.scope = scope
+        if sparsity is None and threshold is None:
+            check(False, "sparsity", None, "a number in [0, 1), or threshold=... instead")
+        check(sparsity is None or threshold is None, "sparsity/threshold", (sparsity, threshold), "one of them, not both")
+        self.sparsity: float | None = None if sparsity is None else check_sparsity(sparsity)
+        """The target fraction of targeted weights pruned (None when pruning by threshold)."""
+        self.threshold: float | None = None if threshold is None else check_threshold(threshold)
+        """Weights scoring below it are pruned (None when pruning to a sparsity)."""
+        self.scope = check_choice(scope, "scope", SCOPES)
         self.pattern = parse_pattern(pattern)
         self.model = model
         self.targets: list[Target] = find_targets(model, targets, exclude)
@@ -140,8 +155,7 @@ class Pruner:
         self.steps = 0
 
     def _resolve_per_layer(self, per_layer: Mapping[str, float]) -> dict[int, float]:
-        if not isinstance(per_layer, Mapping):
-            raise SecateursError(f"per_layer: got {per_layer!r}; allowed: a mapping of module name -> sparsity")
+        check(isinstance(per_layer, Mapping), "per_layer", per_layer, "a mapping of module name -> sparsity")
         resolved: dict[int, float] = {}
         for key, value in per_layer.items():
             sparsity = check_sparsity(value, f"per_layer[{key!r}]")
@@ -201,20 +215,21 @@ class Pruner:
         the model runs in whatever train/eval mode it is in. Criteria that need no data ignore
         this (``synflow`` reads the input shape from the first batch).
         """
-        if max_batches is not None and not (isinstance(max_batches, int) and max_batches >= 1):
-            raise SecateursError(f"max_batches: got {max_batches!r}; allowed: an integer >= 1 or None")
+        if max_batches is not None:
+            check_int(max_batches, "max_batches", minimum=1)
         return self.criterion.observe(batches, loss_fn, max_batches=max_batches)
 
     def scores(self) -> dict[str, torch.Tensor]:
         """The criterion's current score of every targeted weight (shaped like it)."""
         return self.criterion.scores(self._ensure_masks())
 
-    def _pools(self, sparsity: float) -> list[tuple[list[int], float]]:
-        """(target indices ranked together, their sparsity) for a step to ``sparsity``."""
-        scale = sparsity / self.sparsity if self.sparsity > 0 else 1.0
+    def _pools(self, sparsity: float | None) -> list[tuple[list[int], float]]:
+        """(target indices ranked together, their sparsity) for a step to ``sparsity``; for a
+        threshold step (``None``) only the ``per_layer`` weights, at their own sparsity."""
+        scale = sparsity / self.sparsity if sparsity is not None and self.sparsity else 1.0
         rest = [i for i in range(len(self.targets)) if i not in self.per_layer]
         pools: list[tuple[list[int], float]] = []
-        if rest:
+        if rest and sparsity is not None:
             pools += [(rest, sparsity)] if self.scope == "global" else [([i], sparsity) for i in rest]
         for i, value in self.per_layer.items():
             pools.append(([i], min(value * scale, 1.0 - 1.0 / max(self.targets[i].numel, 1))))
@@ -223,9 +238,14 @@ class Pruner:
     @torch.no_grad()
     def step(self, sparsity: float | None = None) -> float:
         """Prune so that ``sparsity`` (default: the constructor's) of the targeted weights are
-        zero; returns the sparsity reached (exactly the target up to rounding, or more where an
-        N:M pattern demands it)."""
-        target = self.sparsity if sparsity is None else check_sparsity(sparsity)
+        zero, or, for a pruner built with ``threshold`` and no ``sparsity`` given here, every
+        targeted weight scoring below the threshold; returns the sparsity reached (exactly the
+        target up to rounding, or more where an N:M pattern demands it)."""
+        if sparsity is None and self.threshold is not None:
+            return self._step(None)
+        return self._step(self.sparsity if sparsity is None else check_sparsity(sparsity))
+
+    def _step(self, target: float | None) -> float:
         criterion = self.criterion
         if criterion.requires_data and not criterion.ready():
             extra = " or train with pruner.attach(optimizer)" if criterion.name == "movement" else ""
@@ -239,11 +259,13 @@ class Pruner:
             total = sum(self.targets[i].numel for i in indices)
             start = sum(self._pruned[i] for i in indices) / max(total, 1)
             pools.append((indices, goal, start))
-        rounds = max(int(criterion.iterations), 1)
+        rounds = max(int(criterion.iterations), 1) if target is not None else 1
         try:
             for r in range(1, rounds + 1):
                 criterion.prepare(masks)
                 try:
+                    if target is None:
+                        self._prune_below(self._threshold_pool())
                     for indices, goal, start in pools:
                         if goal < start:  # lowering the sparsity: select afresh, in one round
                             if r == 1:
@@ -265,6 +287,20 @@ class Pruner:
             self._sync_optimizer_state(optimizer)
         self.steps += 1
         return self.current_sparsity
+
+    def _threshold_pool(self) -> list[int]:
+        return [i for i in range(len(self.targets)) if i not in self.per_layer]
+
+    def _prune_below(self, indices: list[int]) -> None:
+        """Prune every weight of ``indices`` scoring below the threshold (N:M blocks first)."""
+        assert self._masks is not None and self.threshold is not None
+        if self.pattern is not None:
+            self._apply_pattern(indices)
+        for i in indices:
+            flat = self._masks[i].view(-1)
+            for start in range(0, flat.numel(), CHUNK):
+                stop = min(start + CHUNK, flat.numel())
+                flat[start:stop] &= self.criterion.chunk(i, start, stop) >= self.threshold
 
     def _prune_pool(self, indices: list[int], sparsity: float) -> None:
         """Prune the weights ``indices`` together to ``sparsity`` (N:M blocks first)."""
@@ -320,18 +356,21 @@ class Pruner:
         Attach the *wrapped* optimizer when clipping with :func:`secateurs.clip.wrap`: a
         pre-clip hook then zeroes the pruned gradients before the rule computes its norm (the
         step hooks run on the inner optimizer, after the clipping). Attaching both the wrapper
-        and its inner optimizer registers the step hooks once.
+        and its inner optimizer registers the step hooks once. Any optimizer wrapper offering
+        the same public protocol (``register_pre_clip_hook(hook)`` and the inner optimizer as
+        ``.optimizer``) is treated the same way.
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise SecateursError(f"optimizer: got {type(optimizer).__name__}; allowed: a torch.optim.Optimizer")
+            raise SecateursError(f"optimizer: got {type(optimizer).__name__}; allowed: a torch.optim.Optimizer", field="optimizer")
         if any(o is optimizer for o in self._optimizers):
             return
         inner = _inner(optimizer)
         if not any(_inner(o) is inner for o in self._optimizers):
             self._handles.append(optimizer.register_step_pre_hook(_BeforeStep(self)))
             self._handles.append(optimizer.register_step_post_hook(_AfterStep(self)))
-        if isinstance(optimizer, ClippedOptimizer):
-            self._handles.append(optimizer.register_pre_clip_hook(_BeforeClip(self)))
+        pre_clip = getattr(optimizer, "register_pre_clip_hook", None)
+        if callable(pre_clip):
+            self._handles.append(pre_clip(_BeforeClip(self)))
         self._optimizers.append(optimizer)
         self._sync_optimizer_state(optimizer)
 
@@ -403,16 +442,21 @@ class Pruner:
             self._sync_optimizer_state(optimizer)
 
     def __repr__(self) -> str:
+        goal = f"threshold={self.threshold}" if self.sparsity is None else f"sparsity={self.sparsity}"
         return (
-            f"Pruner(sparsity={self.sparsity}, criterion={self.criterion!r}, scope={self.scope!r}, "
+            f"Pruner({goal}, criterion={self.criterion!r}, scope={self.scope!r}, "
             f"targets={len(self.targets)} weights / {self.num_targeted} params, "
             f"pattern={self.pattern}, current_sparsity={self.current_sparsity:.4f})"
         )
 
 
 def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The optimizer that holds the state and runs the step hooks: the wrapped one, if any."""
-    return optimizer.optimizer if isinstance(optimizer, ClippedOptimizer) else optimizer
+    """The optimizer that holds the state and runs the step hooks: the wrapped one, if any
+    (a wrapper with a pre-clip hook holds it as ``.optimizer``)."""
+    inner = getattr(optimizer, "optimizer", None)
+    if callable(getattr(optimizer, "register_pre_clip_hook", None)) and isinstance(inner, torch.optim.Optimizer):
+        return inner
+    return optimizer
 
 
 def _fnmatch(name: str, pattern: str) -> bool:

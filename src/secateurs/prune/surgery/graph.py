@@ -1,0 +1,272 @@
+"""The dependency graph of one model, cut into the groups of channels pruned as a unit.
+
+Torch-Pruning's dependency graph says which parameter slices are coupled (a filter, its
+BatchNorm entry, the next layer's input column, every partner across a residual add, a
+depthwise convolution's channel, an LSTM's gate rows, an attention head). :class:`Graph` builds
+it, leaves out the groups that touch excluded layers or feed the model output, and checks the
+rest before anything is cut; :class:`ChannelGroup` is one such group.
+"""
+
+from __future__ import annotations
+
+import traceback
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from secateurs.errors import SecateursError, check
+from secateurs.inputs import forward, tensors_of
+from secateurs.prune.surgery.criteria import is_depthwise, role, root_channels
+from secateurs.prune.surgery.layers import RECURRENT_TYPES, customized_pruners
+
+__all__ = ["ROOT_TYPES", "ChannelGroup", "Exclude", "Graph", "Inputs", "output_shapes", "resolve_exclude"]
+
+ROOT_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd, nn.Linear, *RECURRENT_TYPES, nn.MultiheadAttention, nn.Embedding,
+)
+
+Inputs = Any
+"""A tensor, a tuple of positional inputs, or a mapping of keyword inputs."""
+Exclude = Iterable[str | nn.Module | type[nn.Module]]
+"""Layer names, layers or layer types."""
+
+
+def output_shapes(out: Any) -> list[tuple[int, ...]]:
+    """The shapes of every tensor in a model output (tensors, tuples, mappings, ModelOutputs)."""
+    return [tuple(t.shape) for t in tensors_of(out)]
+
+
+def _produces(module: Any) -> bool:
+    """Layers whose output channels are their own (not a copy of their input's)."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return not is_depthwise(module)
+    return isinstance(module, (nn.Linear, nn.Embedding, *RECURRENT_TYPES))
+
+
+@dataclass
+class ChannelGroup:
+    """One set of coupled channels that is pruned as a unit.
+
+    ``key`` is the root layer's name (stable across calls on the same architecture); ``layers``
+    names every layer and bare parameter that loses slices with it. Channels are removed in
+    units of ``unit_size`` channels: 1, or ``head_dim`` when the group runs through an
+    ``nn.MultiheadAttention`` (a unit is then a head). ``unit_of[c]`` is the unit of root
+    channel ``c``.
+    """
+
+    key: str
+    layers: tuple[str, ...]
+    group: tp.Group
+    unit_of: torch.Tensor
+    units: int
+    unit_size: int
+
+    @property
+    def unit_kind(self) -> str:
+        """``"head"`` for attention groups, ``"channel"`` otherwise."""
+        return "head" if self.unit_size > 1 else "channel"
+
+
+class Graph:
+    """Torch-Pruning's dependency graph of one model and the groups we may prune in it."""
+
+    def __init__(self, model: nn.Module, example_inputs: Inputs, excluded: set[str]):
+        self.model = model
+        self.groups: list[ChannelGroup] = []
+        self.skipped: dict[str, str] = {}
+        # Torch-Pruning warns about every op it guesses at; we keep them for error messages.
+        with warnings.catch_warnings(record=True) as caught, torch.enable_grad():
+            warnings.simplefilter("always")
+            self.dg = self._build(example_inputs)
+            self.unknown_ops = sorted({str(w.message).split("operation ")[-1].split(" encountered")[0]
+                                       for w in caught if "Unknown operation" in str(w.message)})
+            self._collect(excluded)
+
+    def _build(self, example_inputs: Inputs) -> tp.DependencyGraph:
+        try:
+            return tp.DependencyGraph().build_dependency(
+                self.model,
+                example_inputs=example_inputs,
+                forward_fn=forward,
+                customized_pruners=customized_pruners(),
+            )
+        except Exception as exc:
+            where = traceback.extract_tb(exc.__traceback__)[-1].name
+            raise SecateursError(
+                f"model: Torch-Pruning's dependency graph cannot trace it ({type(exc).__name__} "
+                f"in {where}: {exc}); structured pruning needs a model the graph can handle"
+            ) from None
+
+    def _collect(self, excluded: set[str]) -> None:
+        protected_nodes, protected_producers = self._output_side()
+        for group in self.dg.get_all_groups(root_module_types=ROOT_TYPES):
+            key = self._name(group[0].dep.target.module)
+            layers = tuple(dict.fromkeys(self._name(item.dep.target.module) for item in group
+                                         if self._name(item.dep.target.module)))
+            hit = sorted(set(layers) & excluded)
+            if hit:
+                self.skipped[key] = f"touches excluded {', '.join(hit)}"
+                continue
+            if any(item.dep.target in protected_nodes
+                   or (item.dep.target in protected_producers and role(group, i) != "in")
+                   for i, item in enumerate(group)):
+                self.skipped[key] = "feeds the model output"
+                continue
+            self._check_supported(group)
+            self._check_indices(key, group)
+            self.groups.append(self._channel_group(key, layers, group))
+
+    def _name(self, module: Any) -> str:
+        if isinstance(module, nn.Parameter):
+            return self.dg._param_to_name.get(module, "")
+        return self.dg._module2name.get(module, "") if isinstance(module, nn.Module) else ""
+
+    def _output_side(self) -> tuple[set, set]:
+        """Nodes whose channels are the model's output channels.
+
+        Walk back from every sink of the graph through shape-preserving ops (element-wise,
+        reshapes, norms, attention) to the first layers that produce channels of their own.
+        """
+        nodes, producers = set(), set()
+        stack = [n for n in self.dg.module2node.values() if not n.outputs]
+        while stack:
+            node = stack.pop()
+            if node in nodes or node in producers:
+                continue
+            if _produces(node.module):
+                producers.add(node)
+                continue
+            nodes.add(node)
+            stack.extend(node.inputs)
+        return nodes, producers
+
+    def _check_supported(self, group: tp.Group) -> None:
+        for item in group:
+            m, name = item.dep.target.module, self._name(item.dep.target.module)
+            hint = f"pass exclude=[{name!r}] to keep it and the channels it touches intact"
+            if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not is_depthwise(m):
+                raise SecateursError(
+                    f"layer {name!r}: grouped convolution (groups={m.groups}) is not supported by "
+                    f"structured pruning (allowed: groups=1 or depthwise); {hint}"
+                )
+            if isinstance(m, nn.MultiheadAttention) and not m._qkv_same_embed_dim:
+                raise SecateursError(
+                    f"layer {name!r}: MultiheadAttention with kdim/vdim != embed_dim is not "
+                    f"supported by structured pruning; {hint}"
+                )
+
+    def suspects(self, groups: Iterable[tp.Group]) -> str:
+        """The layers and ops in ``groups`` that the graph only guessed at, for error messages."""
+        owners = {}
+        for group in groups:
+            for item in group:
+                if isinstance(item.dep.target.module, nn.Parameter):
+                    owner = self._name(item.dep.target.module).rpartition(".")[0]
+                    module = dict(self.model.named_modules()).get(owner)
+                    if owner and module is not None:
+                        owners[owner] = type(module).__name__
+        parts = [f"layer {n!r} ({t}) uses its parameters outside any layer the graph knows" for n, t in owners.items()]
+        if self.unknown_ops:
+            parts.append(f"ops treated as element-wise: {', '.join(self.unknown_ops)}")
+        return "; ".join(parts) if parts else "an op between them is not understood by Torch-Pruning's dependency graph"
+
+    def _check_indices(self, key: str, group: tp.Group) -> None:
+        """Channels the graph maps past a layer's width mean it misread an op between them."""
+        for i, item in enumerate(group):
+            m = item.dep.target.module
+            if isinstance(m, nn.Parameter) or not isinstance(m, (*ROOT_TYPES, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)):
+                continue
+            side = role(group, i)
+            width = self.dg.get_in_channels(m) if side == "in" else self.dg.get_out_channels(m)
+            if width is not None and item.idxs and max(item.idxs) >= width:
+                name = self._name(m)
+                raise SecateursError(
+                    f"layer {name!r} ({type(m).__name__}): the dependency graph maps "
+                    f"{root_channels(group)} channels of {key!r} onto its {width} "
+                    f"{'input' if side == 'in' else 'output'} channels; {self.suspects([group])}; "
+                    f"pass exclude=[{key!r}] to keep these channels intact"
+                )
+
+    def _channel_group(self, key: str, layers: tuple[str, ...], group: tp.Group) -> ChannelGroup:
+        n = root_channels(group)
+        attention = [(item, item.dep.target.module) for item in group
+                     if isinstance(item.dep.target.module, nn.MultiheadAttention)]
+        if not attention:
+            return ChannelGroup(key, layers, group, torch.arange(n), n, 1)
+        unit_of = torch.full((n,), -1, dtype=torch.long)
+        head_dims = {m.head_dim for _, m in attention}
+        names = ", ".join(repr(self._name(m)) for _, m in attention)
+        ok = len(head_dims) == 1
+        for item, m in attention:
+            heads = torch.as_tensor(item.idxs, dtype=torch.long) // m.head_dim
+            root = torch.as_tensor(item.root_idxs, dtype=torch.long)
+            ok = ok and bool(((unit_of[root] == -1) | (unit_of[root] == heads)).all())
+            unit_of[root] = heads
+        head_dim = head_dims.pop()
+        ok = ok and bool((unit_of >= 0).all()) and bool((torch.bincount(unit_of) == head_dim).all())
+        if not ok:
+            raise SecateursError(
+                f"layers {names}: attention layers share channels but not head boundaries, so "
+                f"whole heads cannot be removed; pass exclude=[{names}] to keep them intact"
+            )
+        return ChannelGroup(key, layers, group, unit_of, n // head_dim, head_dim)
+
+    def prune(self, removal: dict[str, torch.Tensor]) -> None:
+        """Cut ``removal[key]`` (unit ids) out of every group, in place."""
+        by_key = {g.key: g for g in self.groups}
+        for key, units in removal.items():
+            if len(units) == 0:
+                continue
+            cg = by_key[key]
+            idxs = torch.nonzero(torch.isin(cg.unit_of, units)).flatten().tolist()
+            root = cg.group[0]
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self.dg.get_pruning_group(root.dep.target.module, root.dep.handler, idxs).prune()
+            except Exception as exc:
+                raise SecateursError(
+                    f"layer {key!r}: removing {len(idxs)} channels coupled with "
+                    f"{', '.join(cg.layers)} failed ({type(exc).__name__}: {exc}); pass "
+                    f"exclude=[{key!r}] to keep them intact"
+                ) from None
+
+
+def resolve_exclude(model: nn.Module, exclude: Exclude | str, field: str = "exclude") -> set[str]:
+    """Names of the layers and parameters ``exclude`` covers (submodules included); errors name ``field``."""
+    if isinstance(exclude, (str, nn.Module, type)):
+        exclude = [exclude]
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    by_id = {id(m): n for n, m in modules.items()}
+    out: set[str] = set()
+
+    def cover(prefix: str) -> None:
+        out.add(prefix)
+        dotted = prefix + "." if prefix else ""
+        out.update(n for n in list(modules) + list(params) if n.startswith(dotted))
+
+    for item in exclude:
+        if isinstance(item, str):
+            if item in modules or item in params:
+                cover(item)
+                continue
+            sample = ", ".join(repr(n) for n in list(modules)[1:6])
+            raise SecateursError(f"{field}: got {item!r}; no layer or parameter has that name; allowed: names from model.named_modules(), e.g. {sample}")
+        if isinstance(item, nn.Module):
+            check(id(item) in by_id, field, type(item).__name__, "layers of the model being pruned")
+            cover(by_id[id(item)])
+            continue
+        if isinstance(item, type) and issubclass(item, nn.Module):
+            names = [n for n, m in modules.items() if isinstance(m, item)]
+            check(bool(names), field, item.__name__, "a layer type present in the model")
+            for n in names:
+                cover(n)
+            continue
+        raise SecateursError(f"{field}: got {item!r}; allowed: layer names, layers or layer types")
+    return out

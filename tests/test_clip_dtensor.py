@@ -7,7 +7,8 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from secateurs.clip import AutoClip, GlobalNorm, Norm, Rule, ZClip, by_global_norm_
+from secateurs.clip import AutoClip, GlobalNorm, Norm, Rule, ZClip, agc_, by_global_norm_
+from secateurs.errors import SecateursError
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():  # pragma: no cover - depends on the torch build
@@ -71,3 +72,10 @@ def test_norm_rules_on_dtensor_grads_equal_plain_tensors(
         torch.testing.assert_close(sd.threshold, sp.threshold)
         for d, p in zip(dt, plain, strict=True):
             torch.testing.assert_close(d.grad.full_tensor(), p.grad)
+
+
+def test_agc_on_dtensor_grads_is_an_error_naming_params(mesh: object) -> None:
+    dt = as_dtensors(plain_params(0), mesh)
+    with pytest.raises(SecateursError, match=r"^params: got DTensor gradients; allowed: ordinary tensors") as err:
+        agc_(dt)
+    assert err.value.field == "params"

@@ -249,3 +249,15 @@ def test_gpu_path_switches_show_in_the_repr_only_when_set_and_build_from_a_confi
     rule = build("autoclip", cuda_graph=False)
     assert repr(rule).endswith("cuda_graph=False)") and rule.cuda_graph is False
     assert "cuda_graph" not in repr(ZClip()) and ZClip().cuda_graph is True
+
+
+def test_fused_true_without_triton_names_the_argument(monkeypatch: pytest.MonkeyPatch) -> None:
+    from secateurs.clip import unitwise
+
+    monkeypatch.setattr(unitwise, "_FUSED", [None])  # as if importing Triton had failed
+    monkeypatch.setattr(unitwise, "_interpreting", lambda: True)  # CPU tensors would take it
+    p = torch.nn.Parameter(torch.ones(4, 4))
+    p.grad = torch.ones(4, 4)
+    with pytest.raises(SecateursError, match=r"^fused: got True; allowed: False or None \(fused=True needs Triton"):
+        agc_([p], fused=True)
+    assert agc_([p], fused=None) is not None  # the per-tensor path still runs

@@ -21,17 +21,9 @@ import torch_pruning.utils.op_counter as _op_counter
 from torch import nn
 
 from secateurs.errors import check
+from secateurs.inputs import forward
 
 __all__ = ["count_macs", "count_macs_by_module", "count_params", "forward", "measure_latency", "state_dict_bytes"]
-
-
-def forward(model: nn.Module, inputs: Any) -> Any:
-    """``model(inputs)``; a tuple/list is spread as positional inputs, a dict as keywords."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
 
 
 def _recurrent_macs(module: nn.RNNBase, inputs: tuple, output: Any) -> None:

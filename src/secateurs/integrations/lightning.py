@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from secateurs import clip, prune
-from secateurs.errors import SecateursError, check
+from secateurs.errors import SecateursError, check, check_choice, check_int
 from secateurs.prune.criteria import Criterion, LossFn
 
 try:
@@ -95,6 +95,8 @@ class Pruning(pl.Callback):
 
     Args:
         sparsity: final fraction of the targeted weights at zero, in [0, 1).
+        threshold: instead of ``sparsity``: prune every targeted weight scoring below it, once
+            (only with ``schedule="oneshot"``).
         criterion: a name from :data:`secateurs.prune.CRITERIA` or a criterion object.
         schedule: ``"oneshot"``, ``"iterative"`` or ``"agp"``; one tick per training epoch.
         schedule_options: the schedule's arguments, e.g. ``{"end": 5}`` for AGP, ``{"at": 2}``
@@ -115,8 +117,9 @@ class Pruning(pl.Callback):
 
     def __init__(
         self,
-        sparsity: float,
+        sparsity: float | None = None,
         *,
+        threshold: float | None = None,
         criterion: str | Criterion = "magnitude",
         schedule: str = "oneshot",
         schedule_options: Mapping[str, Any] | None = None,
@@ -124,12 +127,13 @@ class Pruning(pl.Callback):
         loss_fn: LossFn | None = None,
         score_batches: int = 8,
     ) -> None:
-        self.sparsity = prune.pruner.check_sparsity(sparsity)
-        if schedule not in prune.SCHEDULES or schedule == "rewind":
-            allowed = ", ".join(s for s in prune.SCHEDULES if s != "rewind")
-            raise SecateursError(f"schedule: got {schedule!r}; allowed: {allowed}")
-        if not (isinstance(score_batches, int) and score_batches >= 1):
-            raise SecateursError(f"score_batches: got {score_batches!r}; allowed: an integer >= 1")
+        check(sparsity is not None or threshold is not None, "sparsity", sparsity, "a number in [0, 1), or threshold=... instead")
+        self.sparsity = None if sparsity is None else prune.pruner.check_sparsity(sparsity)
+        self.threshold = None if threshold is None else prune.pruner.check_threshold(threshold)
+        check_choice(schedule, "schedule", [s for s in prune.SCHEDULES if s != "rewind"])
+        if self.threshold is not None:
+            check(schedule == "oneshot", "schedule", schedule, "oneshot (a threshold prunes once)")
+        check_int(score_batches, "score_batches", minimum=1)
         self.criterion = prune.make_criterion(criterion) if isinstance(criterion, str) else criterion
         if self.criterion.requires_data and not callable(loss_fn):
             raise SecateursError(
@@ -146,7 +150,7 @@ class Pruning(pl.Callback):
         self._loaded: dict[str, Any] | None = None  # a checkpoint's state, until the pruner exists
 
     def _build(self, pl_module: pl.LightningModule) -> None:
-        self.pruner = prune.Pruner(pl_module, sparsity=self.sparsity, criterion=self.criterion, **self.pruner_options)
+        self.pruner = prune.Pruner(pl_module, sparsity=self.sparsity, threshold=self.threshold, criterion=self.criterion, **self.pruner_options)
         self.schedule = prune.schedules.make_schedule(self.schedule_name, self.pruner, **self.schedule_options)
         if self._loaded is not None:
             self._restore(self._loaded)

@@ -60,35 +60,39 @@ class SparsityReport:
             row["shape"] = list(row["shape"])
         return out
 
-    def to_markdown(self) -> str:
-        """A GitHub-flavoured markdown table, one row per weight and a total row."""
+    def _table(self) -> tuple[list[str], list[list[str]], list[str]]:
+        """(header, one row of cells per weight, the total row): what both renderings show."""
         with_flops = self.flops is not None
         head = ["layer", "shape", "params", "zeros", "sparsity"] + (["FLOPs", "sparse FLOPs"] if with_flops else [])
+
+        def cells(name: str, shape: str, params: int, zeros: int, sparsity: float, flops: int | None, sparse: int | None) -> list[str]:
+            out = [name, shape, f"{params:,}", f"{zeros:,}", f"{sparsity:.2%}"]
+            return out + ([_count(flops), _count(sparse)] if with_flops else [])
+
+        rows = [cells(r.name, "x".join(map(str, r.shape)), r.params, r.zeros, r.sparsity, r.flops, r.sparse_flops)
+                for r in self.layers]
+        total = cells("total", "", self.params, self.zeros, self.sparsity, self.flops, self.sparse_flops)
+        return head, rows, total
+
+    def to_markdown(self) -> str:
+        """A GitHub-flavoured markdown table, one row per weight and a total row."""
+        head, rows, total = self._table()
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(head) - 1)) + "|"]
-        for row in self.layers:
-            cells = [row.name, "x".join(map(str, row.shape)), f"{row.params:,}", f"{row.zeros:,}", f"{row.sparsity:.2%}"]
-            if with_flops:
-                cells += [_count(row.flops), _count(row.sparse_flops)]
-            lines.append("| " + " | ".join(cells) + " |")
-        total = ["**total**", "", f"{self.params:,}", f"{self.zeros:,}", f"{self.sparsity:.2%}"]
-        if with_flops:
-            total += [_count(self.flops), _count(self.sparse_flops)]
-        lines.append("| " + " | ".join(total) + " |")
+        lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+        lines.append("| " + " | ".join([f"**{total[0]}**", *total[1:]]) + " |")
         return "\n".join(lines)
 
     def to_rich(self) -> Any:
         """The same table as a ``rich.table.Table``."""
         from rich.table import Table
 
-        with_flops = self.flops is not None
+        head, rows, total = self._table()
         table = Table(title="sparsity by layer")
-        for column in ["layer", "shape", "params", "zeros", "sparsity"] + (["FLOPs", "sparse FLOPs"] if with_flops else []):
+        for column in head:
             table.add_column(column, justify="left" if column in ("layer", "shape") else "right")
-        for row in self.layers:
-            cells = [row.name, "x".join(map(str, row.shape)), f"{row.params:,}", f"{row.zeros:,}", f"{row.sparsity:.2%}"]
-            table.add_row(*cells, *([_count(row.flops), _count(row.sparse_flops)] if with_flops else []))
-        total = ["total", "", f"{self.params:,}", f"{self.zeros:,}", f"{self.sparsity:.2%}"]
-        table.add_row(*total, *([_count(self.flops), _count(self.sparse_flops)] if with_flops else []), style="bold")
+        for cells in rows:
+            table.add_row(*cells)
+        table.add_row(*total, style="bold")
         return table
 
     def __str__(self) -> str:

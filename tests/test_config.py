@@ -89,3 +89,13 @@ def test_malformed_set_is_rejected() -> None:
         apply_override({}, "prune.sparsity")
     with pytest.raises(SecateursError, match="is a value, not a section"):
         apply_override({"seed": 1}, "seed.x=2")
+
+
+def test_prune_threshold_is_checked_under_its_config_key() -> None:
+    cfg = load_config(overrides=["prune.threshold=0.1", "prune.schedule=oneshot"])
+    assert cfg.prune.threshold == 0.1
+    assert "threshold" not in to_toml(load_config())  # unset: not written, the run prunes to prune.sparsity
+    with pytest.raises(SecateursError, match=r"^prune\.threshold: got nan; allowed: a finite number"):
+        load_config(overrides=["prune.threshold=nan", "prune.schedule=oneshot"])
+    with pytest.raises(SecateursError, match=r"^prune\.threshold: got 0\.1 with prune\.schedule = 'agp'; allowed: prune\.schedule = 'oneshot'"):
+        load_config(overrides=["prune.threshold=0.1"])

@@ -102,3 +102,26 @@ def test_old_module_paths_warn_and_export_the_same_names(old: str, new: str) -> 
     current = importlib.import_module(f"secateurs.prune.{new}")
     assert legacy.__all__ == current.__all__
     assert all(getattr(legacy, name) is getattr(current, name) for name in current.__all__)
+
+
+def test_run_help_lists_criteria_and_rules_registered_after_import() -> None:
+    from typer.testing import CliRunner
+
+    from secateurs import clip
+    from secateurs.cli import app
+
+    @prune.register("help_probe_criterion")
+    class Probe(MagnitudeCriterion):
+        pass
+
+    @clip.register("help_probe_rule")
+    class ProbeRule(clip.GlobalNorm):
+        pass
+
+    try:
+        result = CliRunner().invoke(app, ["run", "--help"], terminal_width=400)
+        assert result.exit_code == 0
+        assert "help_probe_criterion" in result.output and "help_probe_rule" in result.output
+    finally:
+        prune.CRITERIA.unregister("help_probe_criterion")
+        clip.RULES.unregister("help_probe_rule")

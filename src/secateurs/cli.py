@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperCommand
 
 from secateurs.errors import SecateursError
 
@@ -35,7 +36,14 @@ def _keys_epilog() -> str:
     return "Config keys (TOML tables, or --set key=value):\n\n" + "\n\n".join(rows)
 
 
-KEYS_EPILOG = _keys_epilog()  # built once: every command's --help lists the same keys
+class _WithConfigKeys(TyperCommand):
+    """A command whose ``--help`` ends with every config key, built when the help is shown: the
+    lists of clip rules and criteria are then read from their registries, and no other command
+    (nor ``secateurs --help``) pays for importing them."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        self.epilog = _keys_epilog()
+        super().format_help(ctx, formatter)
 
 
 def user_errors(fn: F) -> F:
@@ -71,7 +79,7 @@ def _default_out(prefix: str = "") -> Path:
     return Path("runs") / time.strftime(f"{prefix}%Y%m%d-%H%M%S")
 
 
-@app.command(epilog=KEYS_EPILOG)
+@app.command(cls=_WithConfigKeys)
 @user_errors
 def run(
     config: ConfigArg = None,
@@ -136,7 +144,7 @@ def inspect(file: Annotated[str, typer.Argument(help="a secateurs sparse checkpo
     Console().print(table)
 
 
-@app.command(epilog=KEYS_EPILOG)
+@app.command(cls=_WithConfigKeys)
 @user_errors
 def sweep(
     config: ConfigArg = None,
@@ -179,7 +187,7 @@ def sweep(
     typer.echo(f"{len(rows)} runs (dense accuracy {baseline}); {time.perf_counter() - started:.0f} s; wrote {out}/sweep.md, sweep.csv, tradeoff.png")
 
 
-@app.command(epilog=KEYS_EPILOG)
+@app.command(cls=_WithConfigKeys)
 @user_errors
 def sensitivity(
     config: ConfigArg = None,

@@ -64,7 +64,7 @@ class ClipConfig(_Section):
     """Gradient clipping: ``method`` plus that rule's own keyword arguments (for example ``max_norm``)."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
-    method: str = Field("global_norm", description="none | value | norm | global_norm | agc | autoclip | zclip | adagc; other keys are the rule's arguments")
+    method: str = Field("global_norm", description="a clip rule (none, global_norm, autoclip, ...: --help lists every registered one); other keys are the rule's arguments")
 
     def params(self) -> dict[str, Any]:
         """The rule's keyword arguments: every key but ``method``."""
@@ -75,10 +75,11 @@ class PruneConfig(_Section):
     """What is pruned, by which criterion, on which schedule."""
 
     kind: Literal["unstructured", "structured", "none"] = Field("unstructured", description="masks (unstructured, N:M) or physical removal of channels (structured)")
-    criterion: str = Field("magnitude", description="magnitude | gradient | activation | taylor | movement | random | synflow (structured: magnitude | taylor | gradient | activation | bn_scale | random)")
+    criterion: str = Field("magnitude", description="a pruning criterion (magnitude, taylor, ...: --help lists every registered one, for masks and for structured pruning)")
     scope: Literal["global", "layer"] = Field("global", description="rank weights across all layers or within each layer")
     schedule: Literal["oneshot", "iterative", "agp"] = Field("agp", description="oneshot, iterative rounds with fine-tuning, or AGP cubic gradual pruning")
     sparsity: float = Field(0.9, ge=0, lt=1, description="target fraction of prunable weights set to zero (structured: fraction of channels removed)")
+    threshold: float | None = Field(None, description="instead of prune.sparsity: prune every weight (structured: channel) whose score is below it, as the seeds' threshold = 0.1 (unset: prune to prune.sparsity; unstructured runs need prune.schedule = 'oneshot')")
     epochs: int = Field(10, ge=1, description="epochs over which the schedule prunes (iterative: rounds x fine-tune epochs)")
     rounds: int = Field(3, ge=1, description="pruning rounds (iterative, structured)")
     finetune_epochs: int = Field(10, ge=0, description="fine-tuning epochs after the last pruning step")
@@ -197,9 +198,17 @@ class RunConfig(_Section):
 
         with config_keys("clip."):
             clip.build(self.clip.method, **self.clip.params())
-        criteria = tuple(prune.GROUP_CRITERIA) if self.prune.kind == "structured" else prune.CRITERIA
+        criteria = prune.GROUP_CRITERIA if self.prune.kind == "structured" else prune.CRITERIA
         if self.prune.kind != "none" and self.prune.criterion not in criteria:
             raise SecateursError(f"prune.criterion: got {self.prune.criterion!r}; allowed: {', '.join(criteria)}")
+        if self.prune.threshold is not None:
+            with config_keys("prune."):
+                prune.pruner.check_threshold(self.prune.threshold)
+            if self.prune.kind == "unstructured" and self.prune.schedule != "oneshot":
+                raise SecateursError(
+                    f"prune.threshold: got {self.prune.threshold!r} with prune.schedule = {self.prune.schedule!r}; "
+                    "allowed: prune.schedule = 'oneshot' (a threshold prunes once), or unset prune.threshold"
+                )
         if ":" not in self.model.name and self.model.name not in MODELS:
             raise SecateursError(f"model.name: got {self.model.name!r}; allowed: {', '.join(MODELS)} or 'package.module:factory'")
         data_names = ("digits", "sequence", "mnist", "fashion-mnist", "cifar10")
@@ -284,9 +293,21 @@ def to_toml(config: RunConfig) -> str:
     return tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))
 
 
+def _live_descriptions() -> dict[str, str]:
+    """Descriptions listing what is registered now (a user's own rules and criteria included)."""
+    from secateurs import clip, prune
+
+    return {
+        "clip.method": f"{' | '.join(clip.METHODS)}; other keys are the rule's arguments",
+        "prune.criterion": f"{' | '.join(prune.CRITERIA)} (structured: {' | '.join(prune.GROUP_CRITERIA)})",
+    }
+
+
 def describe_keys() -> list[tuple[str, str, str]]:
-    """(key, default, description) for every config key, for ``--help``."""
+    """(key, default, description) for every config key, for ``--help``; the lists of clip rules
+    and criteria are read from their registries when called."""
     rows: list[tuple[str, str, str]] = []
+    live = _live_descriptions()
 
     def walk(model: type[BaseModel], prefix: str) -> None:
         defaults = model()
@@ -295,7 +316,8 @@ def describe_keys() -> list[tuple[str, str, str]]:
             if isinstance(annotation, type) and issubclass(annotation, BaseModel):
                 walk(annotation, f"{prefix}{name}.")
                 continue
-            rows.append((f"{prefix}{name}", repr(getattr(defaults, name)), field.description or ""))
+            key = f"{prefix}{name}"
+            rows.append((key, repr(getattr(defaults, name)), live.get(key, field.description or "")))
 
     walk(RunConfig, "")
     return rows

@@ -54,9 +54,9 @@ def test_registering_a_taken_name_is_an_error_unless_replace() -> None:
 
 
 def test_unknown_names_list_what_is_registered() -> None:
-    with pytest.raises(SecateursError, match="^criterion: got 'l3'; allowed: magnitude, gradient"):
+    with pytest.raises(SecateursError, match=r"^criterion: got .l3.; allowed: magnitude, gradient"):
         prune.CRITERIA["l3"]
-    with pytest.raises(SecateursError, match="^criterion: got 'l3'; allowed: magnitude, bn_scale"):
+    with pytest.raises(SecateursError, match=r"^criterion: got .l3.; allowed: magnitude, bn_scale"):
         prune.GROUP_CRITERIA["l3"]
 
 

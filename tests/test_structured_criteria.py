@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from secateurs.errors import SecateursError
 from secateurs.prune import Pruner
+from secateurs.prune.surgery import structured
 from secateurs.prune.surgery.criteria import (
     GROUP_CRITERIA,
     GroupActivation,
@@ -21,7 +22,6 @@ from secateurs.prune.surgery.criteria import (
     GroupTaylorAbs,
     make_group_criterion,
 )
-from secateurs.prune.surgery import structured
 
 
 def tiny() -> tuple[nn.Sequential, tp.Group]:

@@ -13,8 +13,8 @@ from torch import nn
 
 from secateurs.errors import SecateursError
 from secateurs.experiment.models import build_model
-from secateurs.prune.surgery.checkpoint import load_structured, save_structured
 from secateurs.prune.surgery import pruning_record, structured
+from secateurs.prune.surgery.checkpoint import load_structured, save_structured
 
 DIGITS = (1, 8, 8)
 ZOO = ["mlp", "seed-cnn", "vgg11-bn", "resnet20", "mobilenet", "lstm", "rnn", "transformer"]

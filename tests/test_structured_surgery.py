@@ -9,8 +9,8 @@ from torch import nn
 from secateurs.errors import SecateursError
 from secateurs.experiment.models import RNNClassifier, build_model
 from secateurs.measure import count_macs, count_params
-from secateurs.prune.surgery.layers import AttentionHeadPruner
 from secateurs.prune.surgery import channel_groups, pruning_record, structured
+from secateurs.prune.surgery.layers import AttentionHeadPruner
 
 DIGITS = (1, 8, 8)
 ZOO = ["mlp", "seed-cnn", "vgg11-bn", "resnet20", "mobilenet", "lstm", "rnn", "transformer"]

@@ -90,7 +90,7 @@ class Registry(Mapping[str, type[T]], Generic[T]):
 
     def unregister(self, name: str) -> None:
         """Remove ``name`` (for tests and plugins that clean up after themselves)."""
-        self[name]  # noqa: B018 - raises naming the field when unknown
+        self[name]
         del self._classes[name]
 
     def parameters(self, name: str) -> dict[str, Any]:

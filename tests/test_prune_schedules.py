@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from secateurs.errors import SecateursError
+from secateurs.errors import SecateursError, config_keys
 from secateurs.prune import Pruner
 from secateurs.prune.schedules import AGP, SCHEDULES, Iterative, OneShot, Rewind, make_schedule
 
@@ -149,16 +149,67 @@ def test_make_schedule_by_name_with_rewind():
 @pytest.mark.parametrize(
     ("factory", "field"),
     [
-        (lambda p: Iterative(p, rounds=0, finetune_epochs=1), "schedule.rounds"),
-        (lambda p: Iterative(p, rounds=2, finetune_epochs=0), "schedule.finetune_epochs"),
-        (lambda p: Iterative(p, rounds=2, finetune_epochs=1, spacing="cubic"), "schedule.spacing"),
-        (lambda p: AGP(p, start=5, end=2), "schedule.end"),
-        (lambda p: AGP(p, end=4, frequency=0), "schedule.frequency"),
-        (lambda p: AGP(p, end=4, initial=0.9), "schedule.initial"),
-        (lambda p: OneShot(p, at=-1), "schedule.at"),
+        (lambda p: Iterative(p, rounds=0, finetune_epochs=1), "rounds"),
+        (lambda p: Iterative(p, rounds=2, finetune_epochs=0), "finetune_epochs"),
+        (lambda p: Iterative(p, rounds=2, finetune_epochs=1, start=-1), "start"),
+        (lambda p: Iterative(p, rounds=2, finetune_epochs=1, spacing="cubic"), "spacing"),
+        (lambda p: AGP(p, start=5, end=2), "end"),
+        (lambda p: AGP(p, end=4, frequency=0), "frequency"),
+        (lambda p: AGP(p, end=4, initial=0.9), "initial"),
+        (lambda p: OneShot(p, at=-1), "at"),
         (lambda p: OneShot(p, sparsity=1.0), "sparsity"),
+        (lambda p: Rewind(OneShot(p), at=-1), "at"),
+        (lambda p: make_schedule("oneshot", p, rewind_at=-1), "rewind_at"),
     ],
 )
-def test_bad_schedule_options_name_the_field(factory, field):
-    with pytest.raises(SecateursError, match=field.replace(".", r"\.")):
+def test_bad_schedule_options_name_the_argument(factory, field):
+    with pytest.raises(SecateursError, match=f"^{field}: got ") as err:
         factory(Pruner(mlp(), sparsity=0.5))
+    assert err.value.field == field
+
+
+def test_schedule_errors_read_as_config_keys_under_config_keys():
+    with (
+        pytest.raises(SecateursError, match=r"^prune\.epochs: got 0; allowed: an integer >= 1"),
+        config_keys("prune.", names={"finetune_epochs": "prune.epochs"}),
+    ):
+        Iterative(Pruner(mlp(), sparsity=0.5), rounds=2, finetune_epochs=0)
+
+
+class Recorder:
+    """The least a schedule can drive: a final sparsity and step(sparsity)."""
+
+    def __init__(self, sparsity: float):
+        self.sparsity = sparsity
+        self.steps: list[float] = []
+
+    def step(self, sparsity: float) -> float:
+        self.steps.append(sparsity)
+        return sparsity
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_every_schedule_drives_any_object_with_sparsity_and_step(name):
+    options = {"oneshot": {}, "iterative": {"rounds": 2, "finetune_epochs": 2}, "agp": {"end": 3}}[name]
+    target = Recorder(0.75)
+    schedule = make_schedule(name, target, **options)
+    while not schedule.done:
+        schedule.step()
+    assert target.steps == [s for s in map(schedule.sparsity_at, range(schedule.length)) if s is not None]
+    assert target.steps[-1] == pytest.approx(0.75) and schedule.sparsity == target.steps[-1]
+    assert schedule.final_sparsity == 0.75 and schedule.state_dict()["options"]["sparsity"] == 0.75
+
+
+def test_linear_iterative_targets_are_the_final_sparsity_times_rounds_done_over_rounds():
+    schedule = Iterative(Recorder(0.9), rounds=3, finetune_epochs=2, spacing="linear")
+    assert [schedule.sparsity_at(t) for t in (0, 2, 4)] == [0.9 * 1 / 3, 0.9 * 2 / 3, 0.9 * 3 / 3]
+
+
+def test_a_schedule_refuses_an_object_it_cannot_drive():
+    with pytest.raises(SecateursError, match=r"^pruner: got 'Linear'; allowed: a secateurs\.prune\.Pruner"):
+        OneShot(nn.Linear(2, 2))
+
+
+def test_rewind_needs_a_schedule_of_a_pruner():
+    with pytest.raises(SecateursError, match=r"^schedule: got 'Recorder'"):
+        Rewind(OneShot(Recorder(0.5)))

@@ -1,4 +1,4 @@
-"""The training loop's two halves: one epoch of optimisation, and evaluation."""
+"""The training loop's parts: the clipped optimizer, one epoch of optimisation, evaluation."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from secateurs import clip
+from secateurs.experiment.config import TrainConfig
 from secateurs.experiment.data import Split, batches
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -25,6 +27,26 @@ def make_optimizer(name: str, params: Iterable[nn.Parameter], *, lr: float, mome
     if name == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise ValueError(name)
+
+
+def clipped_optimizer(
+    cfg: TrainConfig, params: Iterable[nn.Parameter], *, lr: float, rule: clip.Rule | None, log: clip.ClipLog
+) -> clip.ClippedOptimizer:
+    """``cfg``'s optimizer over ``params`` at ``lr``, clipping with ``rule`` and logging into ``log``."""
+    inner = make_optimizer(cfg.optimizer, params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return clip.wrap(inner, rule, nonfinite=cfg.nonfinite, log=log)
+
+
+def rebuilt_optimizer(old: clip.ClippedOptimizer, cfg: TrainConfig, params: Iterable[nn.Parameter]) -> clip.ClippedOptimizer:
+    """A new optimizer for new parameters (a model after structured surgery): moments restart,
+    while the clip rule, its log and the step count carry on, at ``old``'s learning rate.
+
+    The rule and the log are the same objects, so the rule's state (an AutoClip history, a
+    ZClip average) continues as if nothing had happened. Pruner hooks are not carried over.
+    """
+    new = clipped_optimizer(cfg, params, lr=old.param_groups[0]["lr"], rule=old.rule, log=old.log)
+    new.steps = old.steps
+    return new
 
 
 def train_epoch(

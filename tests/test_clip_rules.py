@@ -186,40 +186,42 @@ def test_autoclip_does_not_record_non_finite_norms() -> None:
 # -- ZClip --------------------------------------------------------------------------------------
 
 
-def zclip_reference(norms: list[float], alpha: float, z_thresh: float, warmup: int) -> list[float]:
-    """The recurrence of Kumar et al. 2025 in float64; returns the norm after clipping per step."""
+def zclip_reference(
+    norms: list[float], alpha: float, z_thresh: float, warmup: int, max_norm: float | None
+) -> list[float]:
+    """The recurrence of Kumar et al. 2025 in float64, ``max_norm`` a ceiling at every step as
+    in the authors' package; returns the norm after clipping per step."""
     out, buffer = [], []
     mean = var = None
+    cap = math.inf if max_norm is None else max_norm
     for g in norms:
         if mean is None:
             buffer.append(g)
             if len(buffer) == warmup:
                 mean = sum(buffer) / warmup
                 var = sum((x - mean) ** 2 for x in buffer) / warmup
-            out.append(g)
+            out.append(g * min(cap / (g + 1e-6), 1.0))  # clip_grad_norm_'s factor
             continue
         std = math.sqrt(var)
         z = (g - mean) / (std + 1e-6)
-        if z > z_thresh:
-            g_star = mean + z_thresh**2 * std / z
-            out.append(g * min(g_star / (g + 1e-6), 1.0))  # clip_grad_norm_'s factor
-        else:
-            g_star = g
-            out.append(g)
+        g_star = mean + z_thresh**2 * std / z if z > z_thresh else g
+        limit = min(g_star, cap)
+        out.append(g * min(limit / (g + 1e-6), 1.0) if g > limit else g)
         mean = alpha * mean + (1 - alpha) * g_star
         var = alpha * var + (1 - alpha) * (g_star - mean) ** 2
     return out
 
 
-def test_zclip_follows_its_recurrence_on_a_planted_spike_sequence() -> None:
+@pytest.mark.parametrize("max_norm", [1.0, None], ids=["default_ceiling", "no_ceiling"])
+def test_zclip_follows_its_recurrence_on_a_planted_spike_sequence(max_norm: float | None) -> None:
     rng = np.random.default_rng(1)
     norms = list(1.0 + 0.05 * rng.standard_normal(80))
     spikes = {40: 10.0, 41: 6.0, 65: 4.0}
     for i, v in spikes.items():
         norms[i] = v
-    expected = zclip_reference(norms, alpha=0.97, z_thresh=2.5, warmup=25)
+    expected = zclip_reference(norms, alpha=0.97, z_thresh=2.5, warmup=25, max_norm=max_norm)
 
-    rule = ZClip()
+    rule = ZClip() if max_norm == 1.0 else ZClip(max_norm=max_norm)
     clipped_at = []
     for i, v in enumerate(norms):
         stats = rule(scalar_param(v))
@@ -231,7 +233,7 @@ def test_zclip_follows_its_recurrence_on_a_planted_spike_sequence() -> None:
 
 
 def test_zclip_does_not_clip_during_warmup_without_max_norm() -> None:
-    rule = ZClip(warmup_steps=5)
+    rule = ZClip(warmup_steps=5, max_norm=None)
     for v in (1.0, 100.0, 1.0, 1.0):
         assert rule(scalar_param(v)).clipped.item() is False
 

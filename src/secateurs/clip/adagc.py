@@ -1,18 +1,29 @@
 """AdaGC: per-tensor clipping against an EMA of each tensor's own clipped norms.
 
-Wang et al. 2025, "AdaGC: Improving Training Stability for Large Language Model Pretraining".
-With ``n_i`` the 2-norm of gradient tensor i and ``gamma_i`` its threshold state:
+Wang et al. 2025, "AdaGC: Improving Training Stability for Large Language Model Pretraining";
+the recurrence is that of the authors' released code (``AdaGC.clip_by_norm`` in the Megatron
+patch of github.com/lishuai-97/AdaGC), with ``n_i`` the 2-norm of gradient tensor i, ``||g||``
+the total norm and ``gamma_i`` the tensor's threshold state:
 
 * warm-up (the first ``warmup_steps`` steps): global clipping,
   ``h = min(lambda_abs / (||g|| + 1e-6), 1)`` for every tensor, and
   ``gamma_i <- min(gamma_i, h n_i)`` (``gamma`` starts at +inf, so step 1 sets it);
-* afterwards: ``h_i = min(lambda_rel gamma_i / (n_i + 1e-6), 1)`` and
-  ``gamma_i <- beta gamma_i + (1 - beta) h_i n_i``.
+* afterwards the bound is ``b_i = lambda_rel gamma_i``: a tensor with ``n_i > b_i`` is scaled
+  by ``b_i / (n_i + 1e-6)``, and ``gamma_i <- beta gamma_i + (1 - beta) min(n_i, b_i)``; a
+  tensor first seen after the warm-up starts from ``gamma_i = n_i``.
 
 Defaults are the paper's (``lambda_abs=1.0``, ``lambda_rel=1.05``, ``beta=0.98``, 100 warm-up
-steps). ``gamma`` is indexed by position in the parameter list, so call the rule with the same
-parameters each step (as :func:`~secateurs.clip.wrap` does); parameters without a gradient keep
-their state. Non-finite steps leave the state unchanged.
+steps); the authors' training scripts pass ``clip_ratio=1.04``, ``clip_beta=0.99``
+(``AdaGC(lambda_rel=1.04, beta=0.99)`` here). ``gamma`` is indexed by position in the
+parameter list, so call the rule with the same parameters each step (as
+:func:`~secateurs.clip.wrap` does); parameters without a gradient keep their state.
+
+Where this differs from the authors' code, on purpose (``tests/test_clip_reference.py``
+asserts each): a step whose total norm is not finite leaves every ``gamma`` unchanged and does
+not count towards the warm-up (there, a NaN norm makes that tensor's ``gamma`` NaN for good,
+after which it is never clipped again); the gradients of that step are still scaled (a NaN
+stays NaN) for the non-finite policy of :func:`~secateurs.clip.wrap` to skip. ``gamma`` is
+float32, kept on the gradients' device.
 """
 
 from __future__ import annotations
@@ -102,15 +113,19 @@ class AdaGC(StatefulRule):
         warming = step < self.warmup_steps
         h_global = torch.clamp(self.lambda_abs / (total + 1e-6), max=1.0)
         bound = self.lambda_rel * gamma
-        h_local = torch.clamp(bound / (norms + 1e-6), max=1.0)
+        # a tensor over its bound is scaled to it; the others keep a factor of exactly 1
+        h_local = torch.where(norms > bound, bound / (norms + 1e-6), 1.0)
         h = torch.where(warming, h_global.expand_as(norms), h_local)
         scale_each_(grads, list(h.unbind()))  # type: ignore[arg-type]
 
         clipped_norms = h * norms
+        # after the warm-up the EMA takes the bound itself for a clipped tensor (as the
+        # authors' code does), and a tensor never seen before starts at its own norm
+        ema = self.beta * gamma + (1 - self.beta) * torch.minimum(norms, bound)
         new_gamma = torch.where(
             warming,
             torch.minimum(gamma, clipped_norms),
-            self.beta * gamma + (1 - self.beta) * clipped_norms,
+            torch.where(gamma.isinf(), norms, ema),
         )
         new_gamma = torch.where(finite, new_gamma, gamma)
         if index is None:

@@ -2,9 +2,20 @@
 
 Seetharaman et al. 2020, "AutoClip: Adaptive Gradient Clipping for Source Separation Networks".
 Each step appends the current total norm to the history, then clips the gradients to the
-``percentile``-th percentile of the history (numpy's default linear interpolation). The
-history here is a ring buffer of the last ``history`` norms, kept on the gradients' device;
-non-finite norms are not recorded, so one NaN step cannot poison the threshold.
+``percentile``-th percentile of the history (numpy's default linear interpolation), with
+:func:`torch.nn.utils.clip_grad_norm_`'s factor: the rule of the paper and of its authors' code
+(``autoclip.py`` in github.com/pseeth/autoclip).
+
+Where this differs, on purpose (``tests/test_clip_reference.py`` asserts each):
+
+* the history is a ring buffer of the last ``history`` norms (1000), kept on the gradients'
+  device (the authors' code keeps every norm, in a Python list);
+* non-finite norms are not recorded, so one NaN step cannot poison the threshold;
+* the ``autoclip`` package (0.2.1, ``QuantileClip(quantile=0.1, global_threshold=True)``)
+  takes the quantile of the norms *before* the current one, so its first step is unclipped
+  and its threshold at step t + 1 is this rule's at step t. Its defaults are another rule
+  (``quantile=0.9``, one history per parameter); it records a NaN norm, after which every
+  gradient is NaN until that norm leaves its history.
 """
 
 from __future__ import annotations
@@ -51,8 +62,9 @@ def percentile(sorted_values: Tensor, count: Tensor, q: float) -> Tensor:
 class AutoClip(StatefulRule):
     """Clip the global gradient norm to the ``percentile``-th percentile of its history.
 
-    Defaults follow the paper (p = 10); the history is bounded to the last ``history`` steps.
-    The stats' ``threshold`` is that percentile (the current norm included). On CUDA the
+    Defaults follow the paper (p = 10, one threshold for all gradients); the history is bounded
+    to the last ``history`` steps. The stats' ``threshold`` is that percentile (the current norm
+    included, as in the paper). On CUDA the
     threshold update is replayed as one CUDA graph from the second step on
     (:mod:`~secateurs.clip._graphs`); ``cuda_graph=False`` runs it eagerly.
 

@@ -1,18 +1,37 @@
 """ZClip: z-score spike detection on the gradient norm with EMA statistics.
 
-Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training". Recurrence, with
-``g_t`` the total 2-norm at step t:
+Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training"; the recurrence is
+that of the authors' package (``zclip`` 1.0.0, ``ZClip(mode="zscore")``), with ``g_t`` the
+total 2-norm at step t:
 
-* warm-up: the first ``warmup_steps`` norms are only collected (clipped to ``max_norm`` if
-  one is given); then ``mu`` and ``var`` start as their mean and (population) variance;
-* ``z_t = (g_t - mu) / (sqrt(var) + eps)``; if ``z_t > z_thresh`` the gradients are clipped
-  to ``g* = mu + z_thresh**2 * sqrt(var) / z_t`` (``"adaptive_scaling"``) or to ``mu``
+* warm-up: the first ``warmup_steps`` norms are only collected; then ``mu`` and ``var`` start
+  as their mean and (population) variance;
+* afterwards ``z_t = (g_t - mu) / (sqrt(var) + eps)``; if ``z_t > z_thresh`` the adaptive
+  threshold is ``g* = mu + z_thresh**2 * sqrt(var) / z_t`` (``"adaptive_scaling"``) or ``mu``
   (``"mean"``), otherwise ``g* = g_t``;
+* at every step, warm-up included, the gradients are clipped to ``min(g*, max_norm)``:
+  ``max_norm`` (1.0, as the package's ``max_grad_norm``) is a ceiling over the adaptive
+  threshold; ``None`` switches it off;
 * ``mu <- alpha mu + (1 - alpha) g*``; ``var <- alpha var + (1 - alpha) (g* - mu)**2``
-  (with the updated ``mu``), as in the authors' code.
+  (with the updated ``mu``): the statistics follow the adaptive ``g*``, not the ceiling.
 
-Everything is computed with tensor selects, so the step never reads the device. Non-finite
-norms leave the statistics unchanged.
+Without the ceiling, an exploding network runs its warm-up unclipped and the statistics are
+then built on exploded norms (on ``bench/clip_quality.py`` that network learns nothing).
+
+Where this differs from the package, on purpose (``tests/test_clip_reference.py`` asserts
+each):
+
+* a non-finite norm leaves the statistics unchanged and does not count as a warm-up step (the
+  package appends it to the warm-up buffer or to the EMA, whose mean is NaN from then on, so
+  the rule silently becomes plain ``max_grad_norm`` clipping); on that step the gradients are
+  multiplied by a NaN factor, as :func:`torch.nn.utils.clip_grad_norm_` does, for
+  :func:`~secateurs.clip.wrap` to skip (the package leaves them unscaled);
+* only the package's ``mode="zscore"`` with ``clip_factor=1.0`` and
+  ``skip_update_on_spike=False`` (its defaults) is implemented;
+* the statistics are float32 tensors on the gradients' device (the package's are Python
+  floats read from the device every step), so values agree to float32 rounding.
+
+Everything is computed with tensor selects, so the step never reads the device.
 """
 
 from __future__ import annotations
@@ -45,13 +64,23 @@ _OPTIONS = ("adaptive_scaling", "mean")
 
 @register("zclip")
 class ZClip(StatefulRule):
-    """Clip the global norm when it is a z-score outlier of its EMA statistics.
+    """Clip the global norm when it is a z-score outlier of its EMA statistics, and at most to
+    ``max_norm`` at every step.
 
-    Defaults are the paper's: ``alpha=0.97``, ``z_thresh=2.5``, ``warmup_steps=25``. The stats'
-    ``threshold`` is the trigger ``mu + z_thresh * (sqrt(var) + eps)`` (``max_norm`` or inf
-    during warm-up); when it fires, the gradients are scaled to the lower ``g*`` above. On
-    CUDA the statistics update is replayed as one CUDA graph from the second step on
-    (:mod:`~secateurs.clip._graphs`); ``cuda_graph=False`` runs it eagerly.
+    Defaults are those of the authors' package: ``alpha=0.97``, ``z_thresh=2.5``,
+    ``warmup_steps=25`` (the paper's) and ``max_norm=1.0``. The stats' ``threshold`` is the trigger
+    ``min(mu + z_thresh * (sqrt(var) + eps), max_norm)`` (``max_norm``, or inf without one,
+    during warm-up); when the z-test fires, the gradients are scaled to the lower
+    ``min(g*, max_norm)`` above. On CUDA the statistics update is replayed as one CUDA graph
+    from the second step on (:mod:`~secateurs.clip._graphs`), the ceiling inside it;
+    ``cuda_graph=False`` runs it eagerly.
+
+    >>> import torch
+    >>> rule = ZClip(warmup_steps=2)
+    >>> w = torch.nn.Parameter(torch.zeros(1))
+    >>> w.grad = torch.tensor([5.0])
+    >>> rule([w]).norm_after  # warm-up: no statistics yet, but the ceiling holds
+    tensor(1.0000)
     """
 
     def __init__(
@@ -61,7 +90,7 @@ class ZClip(StatefulRule):
         z_thresh: float = 2.5,
         warmup_steps: int = 25,
         clip_option: str = "adaptive_scaling",
-        max_norm: float | None = None,
+        max_norm: float | None = 1.0,
         eps: float = 1e-6,
         cuda_graph: bool = True,
     ) -> None:

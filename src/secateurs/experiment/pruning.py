@@ -84,8 +84,8 @@ class StructuredRounds:
     def step(self, sparsity: float) -> float:
         """Remove channels until ``sparsity`` of the original ones are gone; returns ``sparsity``."""
         self.model = prune.structured(
-            self.model, self.example, ratio=sparsity, criterion=self.criterion, scope=self.scope,
-            ignore=self.exclude, batches=self._batches, loss_fn=self._loss_fn,
+            self.model, self.example, sparsity=sparsity, criterion=self.criterion, scope=self.scope,
+            exclude=self.exclude, batches=self._batches, loss_fn=self._loss_fn,
         )
         self._batches = self._loss_fn = None
         return sparsity

@@ -7,11 +7,15 @@ import importlib
 
 import pytest
 
-MODULES = ["", ".masks", ".criteria", ".selection", ".pruner", ".schedules", ".checkpoint", ".report", ".activations"]
+MODULES = [
+    "", ".masks", ".criteria", ".selection", ".pruner", ".schedules", ".checkpoint", ".report", ".activations",
+    ".surgery", ".surgery.cut", ".surgery.graph", ".surgery.select", ".surgery.criteria", ".surgery.checkpoint",
+]
+SHARED = ["secateurs.errors", "secateurs.registry", "secateurs.inputs"]
 
 
-@pytest.mark.parametrize("suffix", MODULES)
-def test_docstring_examples_run(suffix):
-    module = importlib.import_module("secateurs.prune" + suffix)
+@pytest.mark.parametrize("name", ["secateurs.prune" + suffix for suffix in MODULES] + SHARED)
+def test_docstring_examples_run(name):
+    module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0

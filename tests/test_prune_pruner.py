@@ -86,7 +86,17 @@ def test_targets_and_exclude_accept_names_patterns_and_types():
         "features.0.weight", "features.3.weight", "features.6.weight"]
     assert [t.name for t in find_targets(model, exclude=["classifier.3", nn.Conv2d])] == ["classifier.1.weight"]
     assert [t.name for t in find_targets(model, targets=["classifier.1.bias"])] == ["classifier.1.bias"]
-    assert len(find_targets(model, targets=["*.bias"])) == 5
+    assert [t.name for t in find_targets(model, targets=["classifier.1.bias", "features.0.bias"])] == [
+        "features.0.bias", "classifier.1.bias"]
+
+
+def test_patterns_never_reach_biases_or_normalisation_gains():
+    model = small_cnn()
+    names = [t.name for t in find_targets(model, targets=["*"])]
+    assert names == [t.name for t in find_targets(model)]
+    assert not any(n.endswith(".bias") for n in names)
+    with pytest.raises(SecateursError, match=r"targets: got '\*\.bias'; it matches only parameters a pattern never reaches"):
+        find_targets(model, targets=["*.bias"])
 
 
 def test_per_layer_sparsity_overrides_its_layer_and_the_rest_stay_global():

@@ -23,7 +23,7 @@ from torch import nn
 
 from secateurs.errors import SecateursError
 
-__all__ = ["forward", "pairs", "tensors_of", "to_device"]
+__all__ = ["forward", "pairs", "plain", "tensors_of", "to_device"]
 
 
 def forward(model: nn.Module, inputs: Any) -> Any:
@@ -33,6 +33,12 @@ def forward(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, tuple | list):
         return model(*inputs)
     return model(inputs)
+
+
+def plain(inputs: Any) -> Any:
+    """``inputs`` with a mapping turned into a plain ``dict``, for code that spreads only dicts
+    as keywords (Torch-Pruning's graph and op counter)."""
+    return dict(inputs) if isinstance(inputs, Mapping) and not isinstance(inputs, dict) else inputs
 
 
 def to_device(value: Any, device: torch.device | str) -> Any:

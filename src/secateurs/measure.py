@@ -21,7 +21,7 @@ import torch_pruning.utils.op_counter as _op_counter
 from torch import nn
 
 from secateurs.errors import check
-from secateurs.inputs import forward
+from secateurs.inputs import forward, plain
 
 __all__ = ["count_macs", "count_macs_by_module", "count_params", "forward", "measure_latency", "state_dict_bytes"]
 
@@ -71,7 +71,7 @@ def count_macs_by_module(model: nn.Module, example_inputs: Any) -> tuple[int, di
     (40, 32.0, 8.0)
     """
     _op_counter.CUSTOM_MODULES_MAPPING = {t: _recurrent_macs for t in (nn.RNN, nn.LSTM, nn.GRU)}
-    macs, _, per_module, _ = tp.utils.count_ops_and_params(model, example_inputs, layer_wise=True)
+    macs, _, per_module, _ = tp.utils.count_ops_and_params(model, plain(example_inputs), layer_wise=True)
     whole = per_module.get(model) or 0
     scale = macs / whole if whole else 1.0
     return round(macs), {m: count * scale for m, count in per_module.items() if count}

@@ -17,7 +17,7 @@ registration order, that always shows what is registered *now* (a user's own ent
 >>> shapes.build("circle")
 Traceback (most recent call last):
 ...
-secateurs.errors.SecateursError: kind: got 'circle'; allowed: square
+secateurs.registry.UnknownName: kind: got 'circle'; allowed: square
 """
 
 from __future__ import annotations
@@ -28,10 +28,17 @@ from typing import Any, Generic, TypeVar
 
 from secateurs.errors import SecateursError, check
 
-__all__ = ["Registry"]
+__all__ = ["Registry", "UnknownName"]
 
 T = TypeVar("T")
 C = TypeVar("C", bound=type)
+
+
+class UnknownName(SecateursError, KeyError):
+    """A name no class is registered under: a :class:`SecateursError` naming the field, and a
+    ``KeyError``, so ``registry.get(name)`` and ``name in registry`` work as for any mapping."""
+
+    __str__ = SecateursError.__str__  # KeyError would quote the message
 
 
 class Registry(Mapping[str, type[T]], Generic[T]):
@@ -50,7 +57,8 @@ class Registry(Mapping[str, type[T]], Generic[T]):
     # -- the mapping -------------------------------------------------------------------------
 
     def __getitem__(self, name: str) -> type[T]:
-        check(isinstance(name, str) and name in self._classes, self.field, name, ", ".join(self._classes))
+        if not (isinstance(name, str) and name in self._classes):
+            raise UnknownName(f"{self.field}: got {name!r}; allowed: {', '.join(self._classes)}", field=self.field)
         return self._classes[name]
 
     def __iter__(self) -> Iterator[str]:

@@ -109,16 +109,23 @@ def _candidates(model: nn.Module) -> list[Target]:
 def _selects(item: str | type[nn.Module], target: Target, module_names: set[str]) -> bool:
     """Whether a ``targets``/``exclude`` entry names this weight.
 
-    A type names the default weights of its modules. A string that matches module names
-    (``fnmatch`` patterns allowed, e.g. ``"features.*"``) names their default weights (or
-    ``weight`` for a layer type not known here); any other string is matched against parameter
-    names (``"classifier.1.bias"``, ``"*.bias"``).
+    A type names the weights of its modules (the default ones of a prunable type, else
+    ``weight``). A string that matches module names names their weights the same way when it is
+    a module's exact name; as an ``fnmatch`` pattern (``"features.*"``) it reaches only the
+    default weights of prunable layers (Linear, Conv, RNN, attention), never a normalisation
+    gain or an embedding. Any other string is matched against parameter names: an exact name
+    (``"classifier.1.bias"``) names that parameter, whatever it is; a pattern (``"*.weight"``)
+    again only the default weights of prunable layers.
     """
     if isinstance(item, type):
         return isinstance(target.module, item) and target.attr in _weights_of(target.module)
     if any(_matches(item, name) for name in module_names):
-        return _matches(item, target.module_name) and target.attr in _weights_of(target.module)
-    return _matches(item, target.name)
+        if item == target.module_name:
+            return target.attr in _weights_of(target.module)
+        return fnmatch.fnmatchcase(target.module_name, item) and target.attr in prunable_weights(target.module)
+    if item == target.name:
+        return True
+    return fnmatch.fnmatchcase(target.name, item) and target.attr in prunable_weights(target.module)
 
 
 def _weights_of(module: nn.Module) -> list[str]:
@@ -150,8 +157,11 @@ def find_targets(
 
     ``targets=None`` takes the weights of every Linear, Conv1d/2d/3d, RNN/LSTM/GRU and
     MultiheadAttention. Otherwise each entry is a module name (its weights), a parameter name
-    (``fnmatch`` patterns allowed for both, e.g. ``"features.*"``, ``"*.bias"``) or a module
-    type. ``exclude`` removes weights the same way. Every entry must match something.
+    (``fnmatch`` patterns allowed for both, e.g. ``"features.*"``, ``"encoder.layer.*"``) or a
+    module type. A pattern reaches only those default weights of prunable layers: biases,
+    normalisation gains and embeddings are pruned only when named exactly
+    (``"classifier.1.bias"``) or by type. ``exclude`` removes weights the same way. Every entry
+    must match something.
 
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> [t.name for t in find_targets(model, exclude=["2"])]
@@ -171,8 +181,11 @@ def find_targets(
         items = _check_items("targets", targets)
         for item in items:
             if not any(selects(item, t) for t in candidates):
+                reached = isinstance(item, str) and any(_matches(item, t.name) or _matches(item, t.module_name) for t in candidates)
+                why = ("it matches only parameters a pattern never reaches (biases, normalisation gains, "
+                       "embeddings: name each by its full name to prune it)") if reached else "it matches no parameter of the model"
                 raise SecateursError(
-                    f"targets: got {item!r}; it matches no parameter of the model; allowed: "
+                    f"targets: got {item!r}; {why}; allowed: "
                     "parameter or module names (fnmatch patterns) or module types present in it"
                 )
         chosen = [t for t in candidates if any(selects(item, t) for item in items)]

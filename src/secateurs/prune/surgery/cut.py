@@ -38,7 +38,7 @@ from torch.nn import functional as F
 
 from secateurs._deprecated import renamed_arguments
 from secateurs.errors import SecateursError, check, check_choice, check_fraction, check_int
-from secateurs.inputs import forward, pairs, to_device
+from secateurs.inputs import forward, pairs, plain, to_device
 from secateurs.measure import count_macs, count_params
 from secateurs.prune.surgery.criteria import GroupCriterion, make_group_criterion
 from secateurs.prune.surgery.graph import (
@@ -121,7 +121,7 @@ def channel_groups(model: nn.Module, example_inputs: Inputs, *, exclude: Exclude
     """The groups of coupled channels :func:`structured` would prune in ``model`` (a dry run)."""
     exclude = renamed_arguments("channel_groups", deprecated, _RENAMED, {"exclude": exclude or None}).get("exclude", exclude)
     work = copy.deepcopy(model)
-    return Graph(work, example_inputs, resolve_exclude(work, exclude)).groups
+    return Graph(work, plain(example_inputs), resolve_exclude(work, exclude)).groups
 
 
 def structured(
@@ -194,6 +194,7 @@ def structured(
     exclude = old.get("exclude", exclude)
     max_layer_sparsity = old.get("max_layer_sparsity", max_layer_sparsity)
     _validate(sparsity, threshold, target_macs, scope, rounds, max_layer_sparsity, round_to)
+    example_inputs = plain(example_inputs)
     crit = make_group_criterion(criterion)
     if crit.needs_data:
         check(batches is not None, "batches", None, f"an iterable of (inputs, targets) batches: criterion {crit.name!r} reads data")
@@ -236,7 +237,11 @@ def structured(
                 goal = start_macs * (target_macs * record["macs"] / start_macs) ** (k / rounds)
                 removal = bisect_macs(work, example_inputs, excluded, select, goal, target_macs, record["macs"])
             graph.prune(removal)
-            _verify(work, example_inputs, expected, graph)
+            problem = _verify(work, example_inputs, expected, graph)
+            if problem is not None:
+                layers = _culprits(model, example_inputs, excluded, expected, removal)
+                groups = ", ".join(repr(k) for k in dict.fromkeys(layers.values()))
+                raise SecateursError(f"{problem}; keeping the channels of {groups} intact fixes it: pass exclude={list(layers)!r}")
             for cg in graph.groups:
                 record["groups"][cg.key]["kept"] = cg.units - len(removal.get(cg.key, ()))
     finally:
@@ -303,8 +308,9 @@ def _check_prunable(graph: Graph, exclude: Any) -> None:
         "allowed: a model with at least one prunable layer that does not feed the output directly"
     )
 
-def _verify(model: nn.Module, example_inputs: Inputs, expected: list[tuple[int, ...]], graph: Graph) -> None:
-    """Run the pruned model once; name the layer where a missed coupling shows up."""
+def _verify(model: nn.Module, example_inputs: Inputs, expected: list[tuple[int, ...]], graph: Graph) -> str | None:
+    """Run the pruned model once: None if it runs and its outputs keep their shapes, else what
+    went wrong, naming the layer where a missed coupling shows up."""
     stack: list[str] = []
     names = {m: n for n, m in model.named_modules()}
 
@@ -322,17 +328,49 @@ def _verify(model: nn.Module, example_inputs: Inputs, expected: list[tuple[int, 
     except Exception as exc:
         where = stack[-1] if stack else "<model>"
         layer = f"{where!r} ({type(dict(model.named_modules())[where]).__name__})" if stack else where
-        raise SecateursError(
-            f"layer {layer}: the pruned model fails here ({type(exc).__name__}: {exc}); "
-            f"Torch-Pruning's dependency graph misread the channels reaching it ({suspects}); "
-            f"pass exclude=[{where!r}] (or the layers feeding it) to keep them intact"
-        ) from None
+        return (f"layer {layer}: the pruned model fails here ({type(exc).__name__}: {exc}); "
+                f"Torch-Pruning's dependency graph misread the channels reaching it ({suspects})")
     finally:
         for h in hooks:
             h.remove()
-    if got != expected:
-        raise SecateursError(
-            f"model output: shapes changed from {expected} to {got} after pruning; an op the "
-            f"graph cannot handle couples the output to a pruned layer ({suspects}); pass those layers in exclude"
-        )
+    if got == expected:
+        return None
+    return (f"model output: shapes changed from {expected} to {got} after pruning: pruned channels reach "
+            f"the output through an op the dependency graph cannot follow ({suspects})")
 
+
+def _breaks(model: nn.Module, example_inputs: Inputs, excluded: set[str], expected: list[tuple[int, ...]],
+            removal: dict[str, torch.Tensor]) -> bool:
+    """Whether cutting ``removal`` out of a copy of ``model`` makes it fail or change its output shapes."""
+    trial = copy.deepcopy(model)
+    Graph(trial, example_inputs, excluded).prune(removal)
+    try:
+        with torch.no_grad():
+            return output_shapes(forward(trial.eval(), example_inputs)) != expected
+    except Exception:
+        return True
+
+
+def _culprits(model: nn.Module, example_inputs: Inputs, excluded: set[str], expected: list[tuple[int, ...]],
+              removal: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The smallest set of layers whose exclusion keeps the pruned model working: the groups whose
+    removal breaks it, found by bisection over ``removal`` on copies of ``model``, each named by the
+    shortest layer that belongs to that group alone (``{layer: group key}``)."""
+
+    def find(keys: list[str]) -> list[str]:
+        if not _breaks(model, example_inputs, excluded, expected, {k: removal[k] for k in keys}):
+            return []
+        if len(keys) == 1:
+            return keys
+        half = len(keys) // 2
+        return find(keys[:half]) + find(keys[half:])
+
+    culprits = find([k for k, v in removal.items() if len(v)]) or list(removal)
+    groups = Graph(copy.deepcopy(model), example_inputs, excluded).groups
+    elsewhere = {layer for cg in groups if cg.key not in culprits for layer in cg.layers}
+    named: dict[str, str] = {}
+    for cg in groups:
+        if cg.key in culprits:
+            own = [layer for layer in cg.layers if layer not in elsewhere]
+            named[min(own, key=lambda n: (len(n), n)) if own else cg.key] = cg.key
+    return named

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import traceback
 import warnings
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +84,7 @@ class Graph:
         with warnings.catch_warnings(record=True) as caught, torch.enable_grad():
             warnings.simplefilter("always")
             self.dg = self._build(example_inputs)
+            self.output_modules = _output_modules(model, example_inputs)
             self.unknown_ops = sorted({str(w.message).split("operation ")[-1].split(" encountered")[0]
                                        for w in caught if "Unknown operation" in str(w.message)})
             self._collect(excluded)
@@ -93,6 +95,7 @@ class Graph:
                 self.model,
                 example_inputs=example_inputs,
                 forward_fn=forward,
+                output_transform=tensors_of,
                 customized_pruners=customized_pruners(),
             )
         except Exception as exc:
@@ -129,11 +132,14 @@ class Graph:
     def _output_side(self) -> tuple[set, set]:
         """Nodes whose channels are the model's output channels.
 
-        Walk back from every sink of the graph through shape-preserving ops (element-wise,
-        reshapes, norms, attention) to the first layers that produce channels of their own.
+        Walk back from every sink of the graph, and from every layer whose output the model
+        returns (a Transformer's last hidden state also feeds its pooler, so it is no sink),
+        through shape-preserving ops (element-wise, reshapes, norms, attention) to the first
+        layers that produce channels of their own.
         """
         nodes, producers = set(), set()
         stack = [n for n in self.dg.module2node.values() if not n.outputs]
+        stack += [self.dg.module2node[m] for m in self.output_modules if m in self.dg.module2node]
         while stack:
             node = stack.pop()
             if node in nodes or node in producers:
@@ -235,6 +241,25 @@ class Graph:
                     f"{', '.join(cg.layers)} failed ({type(exc).__name__}: {exc}); pass "
                     f"exclude=[{key!r}] to keep them intact"
                 ) from None
+
+
+def _output_modules(model: nn.Module, example_inputs: Inputs) -> list[nn.Module]:
+    """The leaf layers whose output tensor is itself one of the model's outputs."""
+    produced: list[tuple[nn.Module, weakref.ref]] = []
+
+    def hook(module: nn.Module, _args: Any, out: Any) -> None:
+        produced.extend((module, weakref.ref(t)) for t in tensors_of(out))
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad():
+            outputs = tensors_of(forward(model, example_inputs))
+    finally:
+        for h in handles:
+            h.remove()
+    returned = {id(t) for t in outputs}
+    return list(dict.fromkeys(m for m, ref in produced if (t := ref()) is not None and id(t) in returned))
 
 
 def resolve_exclude(model: nn.Module, exclude: Exclude | str, field: str = "exclude") -> set[str]:

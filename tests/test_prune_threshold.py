@@ -84,3 +84,18 @@ def test_structured_threshold_never_empties_a_layer() -> None:
     small = structured(mlp(), torch.zeros(1, 16), threshold=1e9)
     assert small[0].out_features == 4  # max_layer_sparsity=0.9 keeps ceil(32 * 0.1)
     assert small[2].out_features == 1
+
+
+def test_one_shot_schedule_prunes_below_the_threshold_and_ramps_refuse_it() -> None:
+    from secateurs.prune.schedules import AGP, Iterative, OneShot
+
+    model = mlp()
+    below = sum(int((model[i].weight.abs() < 0.1).sum()) for i in (0, 2, 4))
+    total = sum(model[i].weight.numel() for i in (0, 2, 4))
+    schedule = OneShot(Pruner(model, threshold=0.1), at=1)
+    assert not schedule.prunes_next() and not schedule.step()
+    assert schedule.prunes_next() and schedule.step()
+    assert schedule.sparsity == pytest.approx(below / total)
+    for ramp in (lambda p: AGP(p, start=0, end=3), lambda p: Iterative(p, rounds=2, finetune_epochs=1)):
+        with pytest.raises(SecateursError, match=r"^pruner: got 'a Pruner with threshold=0\.1'; allowed: a Pruner with a sparsity"):
+            ramp(Pruner(mlp(), threshold=0.1))

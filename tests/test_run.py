@@ -160,3 +160,27 @@ def test_default_job_meets_its_bar(tmp_path: Path) -> None:
     assert report["final"]["accuracy"] >= 0.95
     assert report["final"]["sparsity"] >= 0.89
     assert report["final"]["checkpoint_bytes"] <= 0.25 * report["dense"]["checkpoint_bytes"]
+
+
+@pytest.mark.parametrize("kind", ["unstructured", "structured"])
+def test_a_threshold_run_prunes_what_scores_below_it_and_reports_what_it_reached(tmp_path: Path, kind: str) -> None:
+    threshold = 0.05 if kind == "unstructured" else 0.7  # |w| of one weight; sum w^2 of a channel's weights
+    overrides = [*QUICK_RUN, f"prune.kind={kind}", "prune.schedule=oneshot", f"prune.threshold={threshold}"]
+    run = Run(load_config(overrides=overrides), tmp_path / "out", progress=False)
+    assert run.schedule is not None and run.schedule.name == "oneshot"
+    report = start(load_config(overrides=overrides), tmp_path / "run", progress=False)
+    p = report["prune"]
+    assert (p["threshold"], p["target_sparsity"]) == (threshold, None)
+    if kind == "unstructured":
+        model = build_model("seed-cnn", input_shape=(1, 8, 8), num_classes=10)
+        prune.load(tmp_path / "run" / "model.safetensors", model)
+        weights = [t.param for t in prune.find_targets(model)]
+        zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+        assert p["reached_sparsity"] == pytest.approx(zeros) == pytest.approx(report["final"]["sparsity"])
+        # every kept weight was at least the threshold when it was pruned; fine-tuning moves them after
+        assert 0 < zeros < 1
+    else:
+        assert 0 < p["reached_sparsity"] < 1
+        assert report["final"]["params"] < report["dense"]["params"]
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert f"threshold {threshold}, reached {p['reached_sparsity']:.4f}" in text

@@ -55,7 +55,8 @@ class StructuredRounds:
         model: nn.Module,
         example: torch.Tensor,
         *,
-        sparsity: float,
+        sparsity: float | None,
+        threshold: float | None = None,
         criterion: str = "magnitude",
         scope: str = "layer",
         exclude: tuple[str, ...] = (),
@@ -63,7 +64,9 @@ class StructuredRounds:
         self.model = model
         self.example = example
         self.sparsity = sparsity
-        """The fraction of channels removed once every round is done."""
+        """The fraction of channels removed once every round is done (None: below ``threshold``)."""
+        self.threshold = threshold
+        """Instead of a sparsity: every channel scoring below it is removed, in one step."""
         self.criterion = criterion
         self.scope = scope
         self.exclude = exclude
@@ -81,14 +84,17 @@ class StructuredRounds:
         self._loss_fn = loss_fn
         return len(self._batches)
 
-    def step(self, sparsity: float) -> float:
-        """Remove channels until ``sparsity`` of the original ones are gone; returns ``sparsity``."""
+    def step(self, sparsity: float | None) -> float:
+        """Remove channels until ``sparsity`` of the original ones are gone (``None``: those
+        scoring below the threshold); returns the fraction of the original channels removed."""
+        goal = {"sparsity": sparsity} if sparsity is not None else {"threshold": self.threshold}
         self.model = prune.structured(
-            self.model, self.example, sparsity=sparsity, criterion=self.criterion, scope=self.scope,
+            self.model, self.example, **goal, criterion=self.criterion, scope=self.scope,
             exclude=self.exclude, batches=self._batches, loss_fn=self._loss_fn,
         )
         self._batches = self._loss_fn = None
-        return sparsity
+        record = prune.pruning_record(self.model)
+        return float(record["sparsity"]) if record else 0.0
 
 
 def make_pruner(cfg: PruneConfig, model: nn.Module) -> prune.Pruner:
@@ -99,7 +105,8 @@ def make_pruner(cfg: PruneConfig, model: nn.Module) -> prune.Pruner:
     with config_keys("prune."):
         return prune.Pruner(
             model,
-            sparsity=cfg.sparsity,
+            sparsity=cfg.sparsity if cfg.threshold is None else None,
+            threshold=cfg.threshold,
             criterion=cfg.criterion,
             scope=cfg.scope,
             exclude=tuple(cfg.exclude),
@@ -115,6 +122,8 @@ def make_schedule_for(cfg: PruneConfig, target: Prunable) -> Schedule:
     (at least one); AGP ramps from the first prune epoch to the last.
     """
     with config_keys("prune.", names=_SCHEDULE_KEYS):
+        if cfg.threshold is not None:  # below a threshold: one prune, at the first prune epoch
+            return make_schedule("oneshot", target)
         if cfg.kind == "structured" or cfg.schedule == "iterative":
             every = max(cfg.epochs // check_int(cfg.rounds, "rounds", minimum=1), 1)
             options: dict[str, Any] = {"rounds": cfg.rounds, "finetune_epochs": every}

@@ -90,6 +90,8 @@ def build_report(
     all_params = sum(p.numel() for p in params.values())
     nonzero = sum(int(p.count_nonzero()) for p in params.values())
     layers = prune.sparsity_report(model, example).to_dict()
+    sparsity = target_zeros / target_total if target_total else 0.0
+    record = prune.pruning_record(model)
     return {
         "dataset": data.name,
         "model": cfg.model.name,
@@ -99,7 +101,7 @@ def build_report(
         "final": {
             "accuracy": final_accuracy,
             "val_accuracy": final_val_accuracy,
-            "sparsity": target_zeros / target_total if target_total else 0.0,
+            "sparsity": sparsity,
             "params": all_params,
             "nonzero_params": nonzero,
             "compression_ratio": dense["params"] / max(nonzero, 1),
@@ -118,7 +120,10 @@ def build_report(
             "criterion": cfg.prune.criterion,
             "scope": cfg.prune.scope,
             "schedule": cfg.prune.schedule,
-            "target_sparsity": cfg.prune.sparsity,
+            "target_sparsity": cfg.prune.sparsity if cfg.prune.threshold is None else None,
+            "threshold": cfg.prune.threshold,
+            # unstructured: the targeted weights at zero; structured: the channels removed
+            "reached_sparsity": record["sparsity"] if record is not None else sparsity,
             "pattern": cfg.prune.pattern,
             "layers": layers,
         },
@@ -150,7 +155,9 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"# secateurs run: {report['model']} on {report['dataset']} (seed {report['seed']})",
         "",
         f"Pruning: {p['kind']}, criterion `{p['criterion']}`, scope {p['scope']}, schedule {p['schedule']}, "
-        f"target sparsity {p['target_sparsity']}" + (f", pattern {p['pattern']}" if p.get("pattern") else "") + ".",
+        + (f"threshold {p['threshold']}" if p.get("threshold") is not None else f"target sparsity {p['target_sparsity']}")
+        + (f", reached {p['reached_sparsity']:.4f}" if "reached_sparsity" in p and p["kind"] != "none" else "")
+        + (f", pattern {p['pattern']}" if p.get("pattern") else "") + ".",
         f"Clipping: `{c['method']}` {c['params'] or ''}; clipped {c['clipped_steps']} of {c['total_steps']} steps, "
         f"skipped {c['skipped_steps']} non-finite steps.",
         "",

@@ -132,7 +132,8 @@ class Run:
                 self.schedule = make_schedule_for(cfg.prune, self.pruner)
             elif cfg.prune.kind == "structured":
                 self.surgery = StructuredRounds(
-                    self.model, self.example, sparsity=cfg.prune.sparsity, criterion=cfg.prune.criterion,
+                    self.model, self.example, sparsity=cfg.prune.sparsity if cfg.prune.threshold is None else None,
+                    threshold=cfg.prune.threshold, criterion=cfg.prune.criterion,
                     scope=cfg.prune.scope, exclude=tuple(cfg.prune.exclude),
                 )
                 self.schedule = make_schedule_for(cfg.prune, self.surgery)

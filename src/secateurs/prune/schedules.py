@@ -66,6 +66,8 @@ class Schedule:
     """
 
     name: ClassVar[str] = ""
+    by_threshold: ClassVar[bool] = False
+    """Whether the schedule can drive a pruner that prunes below a threshold (no sparsity)."""
 
     def __init__(self, pruner: Prunable, *, sparsity: float | None = None):
         check(
@@ -73,7 +75,13 @@ class Schedule:
             "a secateurs.prune.Pruner, or an object with a final sparsity and step(sparsity)",
         )
         self.pruner = pruner
-        self.final_sparsity = check_sparsity(pruner.sparsity if sparsity is None else sparsity)
+        threshold = getattr(pruner, "threshold", None)
+        below = sparsity is None and pruner.sparsity is None and threshold is not None
+        if below:
+            check(self.by_threshold, "pruner", f"a Pruner with threshold={threshold}",
+                  f"a Pruner with a sparsity ({self.name} ramps a sparsity up; a threshold prunes once: use OneShot)")
+        self.final_sparsity: float | None = None if below else check_sparsity(pruner.sparsity if sparsity is None else sparsity)
+        """The sparsity of the last prune (None for a pruner that prunes below a threshold)."""
         self.tick = 0
         self.sparsity: float = getattr(pruner, "current_sparsity", 0.0)
         """The target of the latest prune (the current sparsity before any)."""
@@ -127,7 +135,7 @@ class Schedule:
 
 
 class OneShot(Schedule):
-    """Prune once, at tick ``at``, to the pruner's sparsity.
+    """Prune once, at tick ``at``, to the pruner's sparsity (or below its threshold).
 
     >>> from torch import nn
     >>> schedule = OneShot(Pruner(nn.Linear(10, 10), sparsity=0.5))
@@ -136,6 +144,7 @@ class OneShot(Schedule):
     """
 
     name = "oneshot"
+    by_threshold = True
 
     def __init__(self, pruner: Prunable, *, at: int = 0, sparsity: float | None = None):
         super().__init__(pruner, sparsity=sparsity)
@@ -143,6 +152,16 @@ class OneShot(Schedule):
 
     def sparsity_at(self, tick: int) -> float | None:
         return self.final_sparsity if tick == self.at else None
+
+    def prunes_next(self) -> bool:
+        return self.tick == self.at
+
+    def step(self) -> bool:
+        if self.final_sparsity is not None or self.tick != self.at:
+            return super().step()
+        self.sparsity = self.pruner.step(None)  # below the pruner's threshold: what it reached
+        self.tick += 1
+        return True
 
     @property
     def length(self) -> int:

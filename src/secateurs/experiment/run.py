@@ -10,6 +10,19 @@ epoch's batches (``data.batch_size`` stays the global batch, split evenly over t
 the model in DDP; see :mod:`~secateurs.experiment.distributed`. Every rank evaluates the whole
 validation and test splits, checks after each pruning step that all ranks hold the same masks,
 and reads the same checkpoint on resume; only rank 0 writes files.
+
+:class:`Run` wires together units that each live, and are tested, on their own:
+
+- :mod:`~secateurs.experiment.plan`: the phases, and each epoch's learning rate and seed;
+- :meth:`Run.run_epoch`: one dense, prune or fine-tune epoch (:func:`~secateurs.experiment.train.train_epoch`);
+- :mod:`~secateurs.experiment.pruning`: the pruner or structured rounds and the schedule driving
+  them, and a prune epoch's tick; a structured round also gets a new optimizer around the same
+  clip rule and log (:func:`~secateurs.experiment.train.rebuilt_optimizer`);
+- :mod:`~secateurs.experiment.checkpoint`: save after every epoch, restore on resume;
+- :mod:`~secateurs.experiment.results`: the dense measurement and the final model and report.
+
+Building a run changes nothing global; :meth:`Run.execute` sets torch's thread count and seeds
+its RNG only while it runs, and restores both after.
 """
 
 from __future__ import annotations

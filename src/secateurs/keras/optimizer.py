@@ -200,6 +200,10 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
             return
         if self.nonfinite == "error":
             _raise_unless(ok)
+        if backend.backend() == "jax":  # fit goes through stateless_apply; this is eager use
+            if bool(ok):
+                self._stateful_step(grads, variables)
+            return
         ops.cond(ok, lambda: self._stateful_step(grads, variables), lambda: None)
 
     def stateless_apply(self, optimizer_variables: Sequence[Any], grads: Sequence[Any], trainable_variables: Sequence[Any]) -> tuple[list[Any], list[Any]]:

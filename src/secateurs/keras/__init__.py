@@ -30,28 +30,54 @@ if int(_keras.__version__.split(".")[0]) < 3:  # pragma: no cover
 
 from secateurs.keras.adagc import AdaGC
 from secateurs.keras.autoclip import AutoClip
+from secateurs.keras.criteria import CRITERIA
+from secateurs.keras.export import load_sparse, save_sparse, sparsity_report, strip, to_markdown
+from secateurs.keras.layers import PRUNABLE, prunable_targets, register_layer
 from secateurs.keras.logs import ClipStatsLogger
 from secateurs.keras.optimizer import NONFINITE, ClippedOptimizer, NonFiniteGradError, wrap
 from secateurs.keras.rules import AGC, RULES, GlobalNorm, Norm, Rule, Value, build_rule, register
+from secateurs.keras.schedules import (
+    ConstantSparsity,
+    Iterative,
+    OneShot,
+    PolynomialDecay,
+    PruningSchedule,
+    prune_now,
+)
 from secateurs.keras.stats import ClipStats
 from secateurs.keras.zclip import ZClip
 
 __all__ = [
     "AGC",
+    "CRITERIA",
     "NONFINITE",
+    "PRUNABLE",
     "RULES",
     "AdaGC",
     "AutoClip",
     "ClipStats",
     "ClipStatsLogger",
     "ClippedOptimizer",
+    "ConstantSparsity",
     "GlobalNorm",
+    "Iterative",
     "NonFiniteGradError",
     "Norm",
+    "OneShot",
+    "PolynomialDecay",
+    "PruningSchedule",
     "Rule",
     "Value",
     "ZClip",
     "build_rule",
+    "load_sparse",
+    "prunable_targets",
+    "prune_now",
     "register",
+    "register_layer",
+    "save_sparse",
+    "sparsity_report",
+    "strip",
+    "to_markdown",
     "wrap",
 ]

@@ -136,10 +136,16 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
             masks.append(self._held.masks[index])
         return masks
 
+    def mask_of(self, variable: Any) -> Any:
+        """The mask variable of a trainable ``variable``, or None when it has none."""
+        return self._held.masks.get(self._get_variable_index(variable))
+
     @property
-    def masks(self) -> dict[Any, Any]:
-        """Trainable variable -> its mask variable (uint8, 1 = kept)."""
-        return {self._trainable_variables[i]: m for i, m in self._held.masks.items()}
+    def masks(self) -> list[tuple[Any, Any]]:
+        """(trainable variable, its mask variable) pairs, uint8 masks with 1 = kept.
+
+        A list, not a dict: Keras variables are not hashable."""
+        return [(self._trainable_variables[i], m) for i, m in self._held.masks.items()]
 
     @property
     def stat_variables(self) -> dict[str, Any]:

@@ -13,7 +13,8 @@ Where things live:
 - :mod:`~secateurs.prune.report`: per-layer sparsity and FLOPs.
 - :mod:`~secateurs.prune.surgery`: structured pruning, :func:`structured` (channels, neurons,
   heads physically removed; its own criteria in :data:`GROUP_CRITERIA`).
-- :mod:`~secateurs.prune.calibration`: reserved for one-shot pruning from calibration data.
+- :mod:`~secateurs.prune.calibration`: one-shot pruning of a trained model from calibration
+  data, :func:`oneshot` (Wanda, SparseGPT, OWL; block by block).
 
 >>> import torch
 >>> from torch import nn
@@ -29,6 +30,7 @@ Where things live:
 """
 
 from secateurs.prune import schedules
+from secateurs.prune.calibration import OWL, OneshotResult, oneshot
 from secateurs.prune.checkpoint import (
     inspect_checkpoint,
     load,
@@ -60,6 +62,8 @@ __all__ = [
     "Criterion",
     "GroupCriterion",
     "LayerSparsity",
+    "OWL",
+    "OneshotResult",
     "Pruner",
     "SparsityReport",
     "Target",
@@ -69,6 +73,7 @@ __all__ = [
     "load",
     "load_structured",
     "make_criterion",
+    "oneshot",
     "pruning_record",
     "read_checkpoint",
     "read_metadata",

@@ -1,0 +1,167 @@
+"""What a layer sees on the calibration data: its inputs as a matrix, and their statistics.
+
+Every weight is handled as a matrix ``(out, columns)`` whose columns are the input features it
+multiplies: a Linear's ``in_features``; a Conv's input patch, ordered (kernel position, channel)
+so that consecutive columns are consecutive input channels at one kernel position (the blocks of
+an ``N:M`` pattern, as :func:`~secateurs.prune.selection.nm_keep` cuts them). :func:`input_rows`
+turns a layer input into rows in that column order (``unfold`` for a convolution), and
+:class:`InputStats` sums, in float32, ``H = X^T X`` (the SparseGPT Hessian, up to a factor 2),
+``sum x^2`` per column (Wanda) and ``sum |x|`` per column (the activation criterion) over the
+rows that are not padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from secateurs.prune.masks import Target
+
+__all__ = ["InputStats", "Recorder", "input_rows", "matrix_run", "set_weight_matrix", "supports", "weight_matrix"]
+
+_CONV = (nn.Conv1d, nn.Conv2d)
+
+
+def supports(target: Target) -> bool:
+    """Whether the calibration methods can read this weight's inputs (Linear, Conv1d/2d with
+    ``groups=1``); other prunable weights are pruned by magnitude, and the result says so."""
+    module = target.module
+    if target.attr != "weight":
+        return False
+    return isinstance(module, nn.Linear) or (isinstance(module, _CONV) and module.groups == 1)
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as a float32 ``(out, columns)`` matrix (a copy), columns as :func:`input_rows`."""
+    w = module.weight.detach()
+    if isinstance(module, _CONV):
+        w = w.movedim(1, -1)  # (out, *kernel, in): channels innermost
+    return w.reshape(w.shape[0], -1).to(torch.float32, copy=True)
+
+
+@torch.no_grad()
+def set_weight_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
+    """Write a matrix from :func:`weight_matrix` back into the weight, in its own dtype."""
+    w = module.weight
+    if isinstance(module, _CONV):
+        moved = w.movedim(1, -1)
+        w.copy_(matrix.reshape(moved.shape).movedim(-1, 1).to(w.dtype))
+    else:
+        w.copy_(matrix.reshape(w.shape).to(w.dtype))
+
+
+def matrix_run(module: nn.Module) -> int:
+    """How many consecutive columns belong to one kernel position: N:M blocks never cross it."""
+    weight = module.weight
+    return weight.shape[1] if weight.dim() > 1 else weight.shape[0]
+
+
+def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rows ``X`` with ``module(x) = X @ W.T (+ bias)`` for ``W = weight_matrix(module)``."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, module.in_features)
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(-2)
+        kernel, stride, dilation = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
+        padding: tuple[int, ...] | str = (0, *module.padding) if not isinstance(module.padding, str) else module.padding
+    else:
+        kernel, stride, dilation, padding = module.kernel_size, module.stride, module.dilation, module.padding
+    if isinstance(padding, str) or module.padding_mode != "zeros":
+        pads = module._reversed_padding_repeated_twice
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        if isinstance(module, nn.Conv1d):
+            x = F.pad(x.squeeze(-2), pads, mode=mode).unsqueeze(-2)
+        else:
+            x = F.pad(x, pads, mode=mode)
+        padding = 0
+    if x.dim() == 3:  # unbatched
+        x = x.unsqueeze(0)
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, C*k, L)
+    batch, _, positions = cols.shape
+    channels = module.in_channels
+    cols = cols.reshape(batch, channels, -1, positions).permute(0, 3, 2, 1)  # (B, L, k, C)
+    return cols.reshape(batch * positions, -1)
+
+
+class InputStats:
+    """Running sums over the input rows of one layer, in float32.
+
+    >>> stats = InputStats(2, hessian=True)
+    >>> stats.add(torch.tensor([[1.0, -2.0], [3.0, 0.0]]))
+    >>> stats.hessian, stats.square_sum, stats.abs_sum, stats.rows
+    (tensor([[10., -2.],
+            [-2.,  4.]]), tensor([10.,  4.]), tensor([4., 2.]), 2)
+    """
+
+    def __init__(self, columns: int, *, hessian: bool, device: torch.device | str | None = None):
+        self.columns = columns
+        self.hessian: torch.Tensor | None = (
+            torch.zeros(columns, columns, dtype=torch.float32, device=device) if hessian else None
+        )
+        """``sum x x^T`` over the rows (None unless asked for)."""
+        self.square_sum = torch.zeros(columns, dtype=torch.float32, device=device)
+        self.abs_sum = torch.zeros(columns, dtype=torch.float32, device=device)
+        self.rows = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        x = rows.detach().to(torch.float32)
+        if self.hessian is not None:
+            if self.hessian.device != x.device:
+                self.hessian = self.hessian.to(x.device)
+            self.hessian.addmm_(x.T, x)
+        self.square_sum = self.square_sum.to(x.device).add_(x.square().sum(0))
+        self.abs_sum = self.abs_sum.to(x.device).add_(x.abs().sum(0))
+        self.rows += x.shape[0]
+
+
+class Recorder:
+    """Forward pre-hooks that feed each target's :class:`InputStats` while :meth:`record` is active.
+
+    ``valid`` is the current batch's ``(batch, positions)`` bool mask of real (not padding)
+    positions, set by whoever runs the batches: inputs whose leading dimensions have that shape
+    contribute only their valid rows.
+    """
+
+    def __init__(self, targets: Sequence[Target], *, hessian: bool):
+        self.targets = list(targets)
+        self.stats: dict[str, InputStats] = {}
+        self.valid: torch.Tensor | None = None
+        self._hessian = hessian
+
+    def _hook(self, target: Target) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else kwargs.get("input")
+            if not isinstance(x, torch.Tensor):
+                return
+            with torch.no_grad():
+                x = x.detach()
+                valid = self.valid
+                padded = valid is not None and tuple(x.shape[:-1]) == tuple(valid.shape)
+                if isinstance(module, nn.Linear) and padded:
+                    assert valid is not None
+                    x = x[valid.to(x.device)]
+                rows = input_rows(module, x)
+                stats = self.stats.get(target.name)
+                if stats is None:
+                    stats = self.stats[target.name] = InputStats(
+                        rows.shape[1], hessian=self._hessian, device=rows.device
+                    )
+                stats.add(rows)
+
+        return hook
+
+    @contextmanager
+    def record(self) -> Iterator[Recorder]:
+        handles = []
+        try:
+            for target in self.targets:
+                if supports(target):
+                    handles.append(target.module.register_forward_pre_hook(self._hook(target), with_kwargs=True))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -20,6 +21,22 @@ from typer.core import TyperCommand
 from secateurs.errors import SecateursError
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _process_start() -> float:
+    """When this process started, on the ``time.perf_counter()`` clock (Linux: from /proc;
+    elsewhere: now, when the CLI is imported), so a run's wall time includes its start-up."""
+    now = time.perf_counter()
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        age = uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return now
+    return now - age if 0 <= age < 60 else now
+
+
+_STARTED = _process_start()
 
 app = typer.Typer(
     add_completion=False,
@@ -88,24 +105,38 @@ def run(
     resume: Annotated[Path | None, typer.Option("--resume", help="continue the run in this folder from its last epoch")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
 ) -> None:
-    """Train dense with clipping, prune, fine-tune, evaluate, and write a report."""
-    from secateurs.experiment import run as runner
+    """Train dense with clipping, prune, fine-tune, evaluate, and write a report.
+
+    A model of your own: model.name = "module:factory" (module.py in the current folder, or any
+    importable package.module). The factory is a class or a function; it is called as
+    factory(input_shape=(C, H, W) for images or (T, F) for sequences, without the batch
+    dimension, num_classes=int) and must return an nn.Module.
+
+    prune.pattern = "N:M" keeps at most N of every M weights along a layer's input dimension;
+    prune.sparsity still applies on top (the pattern alone is a sparsity of 1 - N/M: set
+    prune.sparsity to it for pure N:M). Layers whose input dimension is not a multiple of M
+    cannot follow the pattern; the report names them.
+    """
     from secateurs.experiment.config import load_config
 
     if resume is not None:
         if config is not None or set_:
             raise SecateursError("--resume: takes no CONFIG or --set; the run's own config.toml is used")
+        from secateurs.experiment import run as runner  # torch: only once the arguments are checked
+
         try:
-            report = runner.resume(resume, progress=not quiet)
+            report = runner.resume(resume, progress=not quiet, started=_STARTED)
         except runner.Interrupted:
             typer.echo(f"secateurs: interrupted; resume with: {_resume_command(resume)}", err=True)
             raise typer.Exit(130) from None
         out = resume
     else:
-        cfg = load_config(config, set_ or ())
+        cfg = load_config(config, set_ or ())  # a bad key is reported before torch is imported
+        from secateurs.experiment import run as runner
+
         out = out or _default_out()
         try:
-            report = runner.start(cfg, out, progress=not quiet)
+            report = runner.start(cfg, out, progress=not quiet, started=_STARTED)
         except runner.Interrupted:
             typer.echo(f"secateurs: interrupted; resume with: {_resume_command(out)}", err=True)
             raise typer.Exit(130) from None
@@ -177,9 +208,10 @@ def sweep(
             tb.write_run(out / "tensorboard" / cell.name, report, hparams=hparams)
 
     started = time.perf_counter()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the worker pool stops on KeyboardInterrupt
     try:
         rows = sweeper.sweep(cfg, out, progress=not quiet, jobs=jobs, on_cell=on_cell)
-    except runner.Interrupted:
+    except (runner.Interrupted, KeyboardInterrupt):
         typer.echo(f"secateurs: interrupted; resume with: secateurs sweep {out}/sweep.toml --out {out}", err=True)
         raise typer.Exit(130) from None
     dense = sweeper.summarise(rows)["dense"]
@@ -227,8 +259,26 @@ def sensitivity(
     typer.echo(f"wrote {out}/sensitivity.md, sensitivity.png, per_layer.toml; train with: secateurs run {out}/per_layer.toml")
 
 
+def _exit_interrupted(signum: int, frame: object) -> None:
+    """Ctrl-C outside a training loop (start-up, imports, loading, writing the report): one line
+    and exit code 130 at once. Every file is written atomically, so nothing is left half done;
+    the training loops install their own handler, which stops after a whole step."""
+    os.write(2, b"secateurs: interrupted\n")
+    os._exit(130)
+
+
+def _import_path_like_python_m() -> None:
+    """Put the current folder first on the import path, as ``python -m secateurs`` does, so a
+    ``model.name = "mymodel:Net"`` next to the user is found by the ``secateurs`` script too."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def main() -> None:
     """Console entry point (also ``python -m secateurs``)."""
+    signal.signal(signal.SIGINT, _exit_interrupted)
+    _import_path_like_python_m()
     try:
         app()
     except KeyboardInterrupt:

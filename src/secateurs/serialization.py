@@ -24,15 +24,67 @@ from secateurs.errors import SecateursError
 _TREE_KEY = "secateurs.tree"
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the system says it (Linux), else by
+    the usual set-and-restore."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a newly created file gets under the process umask (0o644 under 0o022), which
+    a temporary file from :mod:`tempfile` (always 0o600) is given before it is renamed."""
+    return 0o666 & ~_umask()
+
+
+def canonical_header(data: bytes) -> bytes:
+    """``data`` (a safetensors file, or at least its header) with the header in one order:
+    ``__metadata__`` first with its keys sorted, then the tensors by offset. safetensors writes
+    the metadata in hash order, which differs between processes; this makes identical content
+    byte-identical. The header keeps its length (same compact JSON, same padding), so the data
+    offsets are unchanged."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    ordered: dict[str, Any] = {}
+    if "__metadata__" in header:
+        ordered["__metadata__"] = dict(sorted((header.pop("__metadata__") or {}).items()))
+    ordered |= dict(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"], kv[0])))
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > size:  # not the writer's compact JSON: keep what it wrote
+        return data
+    return data[:8] + text + b" " * (size - len(text)) + data[8 + size :]
+
+
+def canonicalize_file_(path: str | os.PathLike[str]) -> None:
+    """Rewrite the header of the safetensors file ``path`` in place by :func:`canonical_header`."""
+    with open(path, "rb+") as f:
+        head = f.read(8)
+        size = int.from_bytes(head, "little")
+        block = head + f.read(size)
+        fixed = canonical_header(block)
+        if fixed != block:
+            f.seek(0)
+            f.write(fixed)
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder, fsync, rename.
 
     A reader sees either the old file or the new one, never a partial write; on failure (disk
-    full, permission) the old file is left as it was and the temporary file is removed.
+    full, permission) the old file is left as it was and the temporary file is removed. The
+    file takes the process umask, as any newly created file does.
     """
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -84,7 +136,7 @@ def dumps_state(tree: Any) -> bytes:
     """Serialise a tree of tensors and plain values to safetensors bytes."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _encode(tree, tensors)
-    return st_save(tensors, metadata={_TREE_KEY: json.dumps(skeleton)})
+    return canonical_header(st_save(tensors, metadata={_TREE_KEY: json.dumps(skeleton)}))
 
 
 def save_state(path: str | os.PathLike[str], tree: Any) -> None:

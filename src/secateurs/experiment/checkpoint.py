@@ -6,6 +6,10 @@ torch's RNG state. A structurally pruned model's shapes go in a side file named 
 (``structure-0004.safetensors``), written before the checkpoint that names it, so the
 checkpoint never points at a newer shape. Every write is atomic: a run killed at any moment
 resumes from the last whole epoch.
+
+Timings (the wall time so far, the dense model's latency) go in ``timing.json`` beside it, not
+in the checkpoint, so two identical runs write byte-identical checkpoints; a resumed run reads
+them back (a run killed between the two writes counts one epoch's time less).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from secateurs import prune
 from secateurs.errors import SecateursError
 from secateurs.experiment import distributed
-from secateurs.serialization import load_state, save_state
+from secateurs.serialization import atomic_write_text, load_state, save_state
 
 if TYPE_CHECKING:
     from secateurs.experiment.run import Run
@@ -28,6 +32,8 @@ if TYPE_CHECKING:
 __all__ = ["CHECKPOINT", "RunCheckpoint", "RunState"]
 
 CHECKPOINT = "checkpoint.safetensors"
+TIMING = "timing.json"
+_TIMED = ("latency_ms",)  # the keys of report["dense"] that are timings
 
 
 @dataclass
@@ -67,6 +73,9 @@ class RunCheckpoint:
             self.structure_file = f"structure-{run.state.epoch:04d}.safetensors"
             prune.save_structured(run.model, self.out / self.structure_file)
         save_state(self.path, {**_tree(run), "structure_file": self.structure_file})
+        dense = run.state.report.get("dense", {})
+        timing = {"epoch": run.state.epoch, "wall_seconds": run.state.wall_seconds} | {k: dense[k] for k in _TIMED if k in dense}
+        atomic_write_text(self.out / TIMING, json.dumps(timing) + "\n")
         if previous and previous != self.structure_file:
             (self.out / previous).unlink(missing_ok=True)
 
@@ -88,10 +97,21 @@ class RunCheckpoint:
                 _load_schedule(run, tree["schedule"], int(tree["epoch"]))
             run.optimizer.load_state_dict(tree["optimizer"])
             run.state = RunState(
-                int(tree["epoch"]), list(tree["history"]), json.loads(tree["report"]), float(tree["wall_seconds"]), tree["rng"]
+                int(tree["epoch"]), list(tree["history"]), json.loads(tree["report"]), float(tree.get("wall_seconds", 0.0)), tree["rng"]
             )
+            timing = self._timing()
+            run.state.wall_seconds = float(timing.get("wall_seconds", run.state.wall_seconds))
+            if "dense" in run.state.report:
+                run.state.report["dense"] |= {k: timing[k] for k in _TIMED if k in timing}
         except (KeyError, RuntimeError, TypeError, ValueError) as exc:
             raise SecateursError(f"--resume: {str(self.path)!r} does not match this run's config ({type(exc).__name__}: {exc})") from None
+
+    def _timing(self) -> dict[str, Any]:
+        try:
+            timing = json.loads((self.out / TIMING).read_text())
+        except (OSError, ValueError):
+            return {}
+        return timing if isinstance(timing, dict) else {}
 
     def discard_structure(self) -> None:
         """Remove the side file of shapes once the final model is written."""
@@ -103,14 +123,20 @@ def _tree(run: Run) -> dict[str, Any]:
     return {
         "epoch": run.state.epoch,
         "history": run.state.history,
-        "report": json.dumps(run.state.report),
-        "wall_seconds": run.state.wall_seconds,
+        "report": json.dumps(_untimed(run.state.report)),
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),  # includes the clip rule's state and log
         "pruner": run.pruner.state_dict() if run.pruner is not None else None,
         "schedule": run.schedule.state_dict() if run.schedule is not None else None,
         "rng": torch.get_rng_state(),
     }
+
+
+def _untimed(report: dict[str, Any]) -> dict[str, Any]:
+    """The report so far without its timings (they go to :data:`TIMING`)."""
+    if "dense" not in report:
+        return report
+    return {**report, "dense": {k: v for k, v in report["dense"].items() if k not in _TIMED}}
 
 
 def _load_schedule(run: Run, state: Any, epoch: int) -> None:

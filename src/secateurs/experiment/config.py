@@ -84,7 +84,7 @@ class PruneConfig(_Section):
     rounds: int = Field(3, ge=1, description="pruning rounds (iterative, structured)")
     finetune_epochs: int = Field(10, ge=0, description="fine-tuning epochs after the last pruning step")
     per_layer: dict[str, float] = Field(default_factory=dict, description="module name -> its own sparsity")
-    pattern: str = Field("", description="N:M pattern such as 2:4 (empty: unstructured)")
+    pattern: str = Field("", description="N:M pattern such as 2:4: at most N of every M weights along a layer's input dimension are kept, then prune.sparsity applies on top (the pattern alone is 1 - N/M: set prune.sparsity to it for pure N:M; a layer whose input dimension is not a multiple of M cannot follow it, and the report names it); empty: none")
     exclude: list[str] = Field(default_factory=list, description="module names never pruned")
     score_batches: int = Field(8, ge=1, description="batches used by data-dependent criteria")
     lr: float = Field(0.0, ge=0, description="learning rate while pruning and fine-tuning (0: train.lr / 3)")
@@ -190,6 +190,21 @@ class RunConfig(_Section):
     prune: PruneConfig = Field(default_factory=PruneConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
+
+    @model_validator(mode="after")
+    def _schedule_reaches_the_target(self) -> RunConfig:
+        """Rounds one epoch apart at the least: more rounds than prune epochs never end."""
+        p = self.prune
+        rounds_apply = p.kind == "structured" or (p.kind == "unstructured" and p.schedule == "iterative")
+        if p.threshold is None and rounds_apply and p.rounds > p.epochs:
+            raise SecateursError(
+                f"prune.rounds: got {p.rounds} with prune.epochs = {p.epochs}; the schedule prunes at most once "
+                f"an epoch, so the last {p.rounds - p.epochs} rounds would never run and the target "
+                f"{p.sparsity} would not be reached; allowed: prune.rounds <= prune.epochs "
+                f"(--set prune.rounds={p.epochs}, or --set prune.epochs={p.rounds})",
+                field="prune.rounds",
+            )
+        return self
 
     @model_validator(mode="after")
     def _names_are_known(self) -> RunConfig:

@@ -3,11 +3,16 @@
 Every factory takes ``input_shape`` (without the batch dimension: ``(C, H, W)`` for images,
 ``(T, F)`` for sequences) and ``num_classes``. Sequence models read an image as a sequence of its
 rows, so every model runs on every dataset.
+
+A user's own model (``model.name = "package.module:factory"``) follows :data:`FACTORY_CONTRACT`:
+the factory is a class or a function, called with those two keyword arguments, returning an
+``nn.Module``.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from collections.abc import Callable, Sequence
 
@@ -17,6 +22,12 @@ from torch import nn
 from secateurs.errors import SecateursError
 
 ModelFactory = Callable[..., nn.Module]
+
+FACTORY_CONTRACT = (
+    "a class or function called as factory(input_shape=(C, H, W) or (T, F), num_classes=int) "
+    "that returns an nn.Module"
+)
+"""What ``model.name = "package.module:factory"`` must name (README, ``secateurs run --help``)."""
 
 
 def _as_sequence_shape(input_shape: Sequence[int]) -> tuple[int, int]:
@@ -272,12 +283,33 @@ def _import_factory(path: str) -> ModelFactory:
             f"{', '.join(MODELS)} or 'package.module:factory'"
         ) from None
     if not callable(factory):
-        raise SecateursError(f"model.name: got {path!r}; {attr!r} is not callable")
+        raise SecateursError(f"model.name: got {path!r}; {attr!r} is not callable; allowed: {FACTORY_CONTRACT}")
     return factory
 
 
+def _call_factory(name: str, factory: ModelFactory, kwargs: dict[str, object]) -> object:
+    """``factory(**kwargs)``, or a one-line error naming the factory and the arguments it was
+    given when its signature cannot take them (a TypeError raised inside it is left alone)."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin without a signature: just call it
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(**kwargs)
+        except TypeError as exc:
+            given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+            label = getattr(factory, "__qualname__", None) or type(factory).__name__
+            raise SecateursError(
+                f"model.name: got {name!r}; {label}{signature} cannot be called as "
+                f"{label}({given}) ({exc}); allowed: {FACTORY_CONTRACT}"
+            ) from None
+    return factory(**kwargs)
+
+
 def build_model(name: str, *, input_shape: Sequence[int], num_classes: int, **kwargs: object) -> nn.Module:
-    """Build a zoo model by name, or a user's model by import path ``package.module:factory``.
+    """Build a zoo model by name, or a user's model by import path ``package.module:factory``
+    (:data:`FACTORY_CONTRACT`: a class or a function taking ``input_shape`` and ``num_classes``).
 
     >>> build_model("mlp", input_shape=(1, 8, 8), num_classes=10)(torch.zeros(2, 1, 8, 8)).shape
     torch.Size([2, 10])
@@ -290,7 +322,10 @@ def build_model(name: str, *, input_shape: Sequence[int], num_classes: int, **kw
         raise SecateursError(
             f"model.name: got {name!r}; allowed: {', '.join(MODELS)} or 'package.module:factory'"
         )
-    model = factory(input_shape=tuple(input_shape), num_classes=num_classes, **kwargs)
+    model = _call_factory(name, factory, {"input_shape": tuple(input_shape), "num_classes": num_classes, **kwargs})
     if not isinstance(model, nn.Module):
-        raise SecateursError(f"model.name: got {name!r}; the factory returned {type(model).__name__}, not an nn.Module")
+        raise SecateursError(
+            f"model.name: got {name!r}; the factory returned {type(model).__name__}, not an nn.Module; "
+            f"allowed: {FACTORY_CONTRACT}"
+        )
     return model

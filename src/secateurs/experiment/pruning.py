@@ -25,7 +25,7 @@ from secateurs.experiment.config import PruneConfig
 from secateurs.experiment.train import Batch, cross_entropy
 from secateurs.prune.schedules import Prunable, Schedule, make_schedule
 
-__all__ = ["StructuredRounds", "make_pruner", "make_schedule_for", "pruning_tick"]
+__all__ = ["StructuredRounds", "make_pruner", "make_schedule_for", "pattern_misfits", "pruning_tick"]
 
 # The schedule options the Run derives from prune.epochs rather than taking from a key of their own.
 _SCHEDULE_KEYS = {"finetune_epochs": "prune.epochs", "end": "prune.epochs"}
@@ -113,6 +113,22 @@ def make_pruner(cfg: PruneConfig, model: nn.Module) -> prune.Pruner:
             per_layer=dict(cfg.per_layer) or None,
             pattern=cfg.pattern or None,
         )
+
+
+def pattern_misfits(pruner: prune.Pruner) -> dict[str, int]:
+    """The targeted weights that cannot follow the pruner's N:M pattern, with the length of the
+    dimension its blocks run along (the input dimension) when that is not a multiple of M: a
+    first convolution with one input channel, say, keeps every weight the pattern would cut."""
+    if pruner.pattern is None:
+        return {}
+    _, m = pruner.pattern
+    misfits = {}
+    for target in pruner.targets:
+        shape = target.shape
+        along = shape[1] if len(shape) > 1 else shape[0]
+        if along % m:
+            misfits[target.name] = along
+    return misfits
 
 
 def make_schedule_for(cfg: PruneConfig, target: Prunable) -> Schedule:

@@ -82,8 +82,13 @@ def build_report(
     history: Sequence[Mapping[str, Any]],
     wall_seconds: float,
     world_size: int = 1,
+    pattern_misfits: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The report.json dictionary (accuracies are fractions in [0, 1])."""
+    """The report.json dictionary (accuracies are fractions in [0, 1]).
+
+    ``pattern_misfits``: the weights that cannot follow ``prune.pattern`` -> the length of their
+    input dimension (see :func:`~secateurs.experiment.pruning.pattern_misfits`).
+    """
     params = dict(model.named_parameters())
     target_total = sum(targets.values())
     target_zeros = sum(int((params[name] == 0).sum()) for name in targets if name in params)
@@ -125,6 +130,7 @@ def build_report(
             # unstructured: the targeted weights at zero; structured: the channels removed
             "reached_sparsity": record["sparsity"] if record is not None else sparsity,
             "pattern": cfg.prune.pattern,
+            "pattern_misfits": dict(pattern_misfits or {}),
             "layers": layers,
         },
         "history": list(history),
@@ -148,6 +154,40 @@ def _sparse_macs_row(dense: Mapping[str, Any], prune_report: Mapping[str, Any]) 
     ]
 
 
+def _fewer(before: int | float, after: int | float, word: str = "fewer") -> str:
+    """``"3.20x fewer"``, or ``"same"`` when nothing changed (and ``"1.25x more"`` if it grew)."""
+    if after == before:
+        return "same"
+    if after > before:
+        return f"{after / max(before, 1):.2f}x more"
+    return f"{before / max(after, 1):.2f}x {word}"
+
+
+def _pattern_lines(p: Mapping[str, Any]) -> list[str]:
+    """What an N:M pattern and a sparsity did together, and the layers that could not follow it."""
+    if not p.get("pattern"):
+        return []
+    n, m = (int(v) for v in str(p["pattern"]).split(":"))
+    alone = 1 - n / m
+    goal = p.get("target_sparsity")
+    if goal is None:
+        then = f"then every weight scoring below the threshold {p.get('threshold')}"
+    elif goal > alone:
+        then = f"then pruned further to the target sparsity {goal} (set prune.sparsity = {alone:g} for pure {n}:{m})"
+    else:
+        then = f"which is already at least the target sparsity {goal}"
+    lines = [
+        "",
+        f"Pattern {n}:{m}: at most {n} of every {m} weights along each layer's input dimension are kept "
+        f"({_pct(alone)} sparsity by itself), {then}.",
+    ]
+    misfits = p.get("pattern_misfits") or {}
+    if misfits:
+        named = ", ".join(f"`{name}` (input dimension {size})" for name, size in misfits.items())
+        lines.append(f"Cannot follow {n}:{m}, their input dimension is not a multiple of {m}: {named}.")
+    return lines
+
+
 def markdown(report: Mapping[str, Any]) -> str:
     """report.md: the before/after table, clipping, and per-layer sparsity."""
     d, f, c, p = report["dense"], report["final"], report["clip"], report["prune"]
@@ -160,6 +200,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         + (f", pattern {p['pattern']}" if p.get("pattern") else "") + ".",
         f"Clipping: `{c['method']}` {c['params'] or ''}; clipped {c['clipped_steps']} of {c['total_steps']} steps, "
         f"skipped {c['skipped_steps']} non-finite steps.",
+        *_pattern_lines(p),
         "",
         "| | dense | final | change |",
         "| --- | ---: | ---: | ---: |",
@@ -167,9 +208,9 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"| parameters | {d['params']:,} | {f['params']:,} | |",
         f"| non-zero parameters | {d['params']:,} | {f['nonzero_params']:,} | {f['compression_ratio']:.1f}x fewer |",
         f"| prunable weights at zero | 0.00% | {_pct(f['sparsity'])} | |",
-        f"| MACs | {d['macs']:,} | {f['macs']:,} | {d['macs'] / max(f['macs'], 1):.2f}x fewer |",
+        f"| MACs | {d['macs']:,} | {f['macs']:,} | {_fewer(d['macs'], f['macs'])} |",
         *_sparse_macs_row(d, p),
-        f"| checkpoint bytes | {d['checkpoint_bytes']:,} | {f['checkpoint_bytes']:,} | {d['checkpoint_bytes'] / max(f['checkpoint_bytes'], 1):.1f}x smaller |",
+        f"| checkpoint bytes | {d['checkpoint_bytes']:,} | {f['checkpoint_bytes']:,} | {_fewer(d['checkpoint_bytes'], f['checkpoint_bytes'], 'smaller')} |",
         f"| CPU latency (ms, batch {32}) | {d['latency_ms']:.3f} | {f['latency_ms']:.3f} | |",
         "",
         "Masks do not make dense kernels faster: latency falls only with structured pruning.",

@@ -6,12 +6,14 @@ Every rank measures; only rank 0 writes files.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import save as st_save
 
 from secateurs import prune
 from secateurs.experiment import distributed, reports
+from secateurs.experiment.pruning import pattern_misfits
 from secateurs.experiment.train import accuracy
 from secateurs.serialization import atomic_write_bytes
 
@@ -36,15 +38,20 @@ def dense_metrics(run: Run) -> dict[str, Any]:
     }
 
 
-def final_report(run: Run, *, wall_seconds: float) -> dict[str, Any]:
+def final_report(run: Run, *, wall_seconds: float | Callable[[], float]) -> dict[str, Any]:
     """Make the pruning permanent, write ``model.safetensors`` (sparse or reshaped), measure it
     against ``run.state.report["dense"]`` and write the reports; ``report.json`` is written last,
-    so its presence means the run is done. Returns the report."""
+    so its presence means the run is done. Returns the report.
+
+    ``wall_seconds`` may be a function, read once the final model is measured and the plotting
+    library imported, so the report's wall time covers nearly all of the run.
+    """
     if run.pruner is not None:
         targets = {name: mask.numel() for name, mask in run.pruner.masks.items()}
+        misfits = pattern_misfits(run.pruner)
         run.pruner.finalize()
     else:
-        targets = {}
+        targets, misfits = {}, {}
     model_path = run.out / "model.safetensors"
     if distributed.is_main():
         if prune.pruning_record(run.model) is not None:
@@ -52,6 +59,10 @@ def final_report(run: Run, *, wall_seconds: float) -> dict[str, Any]:
         else:
             prune.save(run.model, model_path)
     distributed.barrier()  # every rank reports the size of rank 0's file
+    if callable(wall_seconds):
+        from secateurs.experiment import plots  # noqa: F401 (its import is part of the run's time)
+
+        wall_seconds = wall_seconds()
     report = reports.build_report(
         cfg=run.cfg,
         data=run.data,
@@ -66,6 +77,7 @@ def final_report(run: Run, *, wall_seconds: float) -> dict[str, Any]:
         history=run.state.history,
         wall_seconds=wall_seconds,
         world_size=run.world_size,
+        pattern_misfits=misfits,
     )
     if distributed.is_main():
         reports.write_all(run.out, report, run.log, run.state.history)

@@ -120,8 +120,10 @@ class Run:
     schedule and optimizer; it changes nothing global (torch's threads and RNG are as before).
     """
 
-    def __init__(self, cfg: RunConfig, out: Path, *, progress: bool = True):
-        self._constructed = time.perf_counter()
+    def __init__(self, cfg: RunConfig, out: Path, *, progress: bool = True, started: float | None = None):
+        # the wall time counts from here, or from ``started`` (a time.perf_counter() value: the
+        # CLI passes its process start, so imports and config loading count too)
+        self._constructed = time.perf_counter() if started is None else started
         self.cfg = cfg
         self.out = out
         self.progress = progress and distributed.is_main()
@@ -183,7 +185,7 @@ class Run:
                     bar.advance(row)
             if "dense" not in self.state.report:
                 self.state.report["dense"] = dense_metrics(self)
-            report = final_report(self, wall_seconds=self.state.wall_seconds + time.perf_counter() - started)
+            report = final_report(self, wall_seconds=lambda: self.state.wall_seconds + time.perf_counter() - started)
             self.checkpoint.discard_structure()
             return report
 
@@ -292,16 +294,30 @@ class Run:
         self._ddp = None
 
 
-def start(cfg: RunConfig, out: Path, *, progress: bool = True) -> dict[str, Any]:
+def _not_empty(out: Path) -> SecateursError:
+    """The error for an ``--out`` that is not empty, with the hint that works for what it holds."""
+    where = f"--out: {str(out)!r} is not empty"
+    if not out.is_dir():
+        return SecateursError(f"--out: {str(out)!r} is a file; allowed: a new or empty folder")
+    if (out / "report.json").is_file():
+        return SecateursError(f"{where}: it holds a finished run; allowed: a new or empty folder")
+    if (out / "config.toml").is_file():
+        return SecateursError(f"{where}: it holds an unfinished run; allowed: a new or empty folder, or continue that run with: secateurs run --resume {out}")
+    return SecateursError(f"{where}; allowed: a new or empty folder")
+
+
+def start(cfg: RunConfig, out: Path, *, progress: bool = True, started: float | None = None) -> dict[str, Any]:
     """A new run: create ``out`` (it must be empty or absent), write the config, execute.
 
-    Under ``torchrun`` every rank calls this; they join one process group for the run.
+    ``started`` (a ``time.perf_counter()`` value) is when the wall time starts counting
+    (default: when the run is built). Under ``torchrun`` every rank calls this; they join one
+    process group for the run.
     """
     with distributed.process_group():
         _checked_world_size(cfg)
-        if out.exists() and any(out.iterdir()):
-            raise SecateursError(f"--out: {str(out)!r} is not empty; allowed: a new or empty folder (or --resume {out})")
-        run = Run(cfg, out, progress=progress)  # bad data or model fails here, before anything is written
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise _not_empty(out)
+        run = Run(cfg, out, progress=progress, started=started)  # bad data or model fails here, before anything is written
         distributed.barrier()  # every rank has looked before rank 0 writes
         if distributed.is_main():
             try:
@@ -312,14 +328,20 @@ def start(cfg: RunConfig, out: Path, *, progress: bool = True) -> dict[str, Any]
         return run.execute()
 
 
-def resume(out: Path, *, progress: bool = True) -> dict[str, Any]:
-    """Continue the run in ``out`` from its last epoch checkpoint."""
+def resume(out: Path, *, progress: bool = True, started: float | None = None) -> dict[str, Any]:
+    """Continue the run in ``out`` from its last epoch checkpoint (from epoch 0 if it was
+    stopped before its first epoch was saved)."""
     from secateurs.experiment.config import load_config
 
+    if not out.exists():
+        raise SecateursError(f"--resume: {str(out)!r} does not exist; allowed: the folder of an earlier secateurs run")
+    if not out.is_dir():
+        raise SecateursError(f"--resume: {str(out)!r} is not a folder; allowed: the folder of an earlier secateurs run")
     if not (out / "config.toml").is_file():
-        raise SecateursError(f"--resume: {str(out)!r} holds no config.toml; allowed: the folder of an earlier run")
-    if not (out / CHECKPOINT).is_file():
-        raise SecateursError(f"--resume: {str(out)!r} holds no {CHECKPOINT}; the run ended before its first epoch")
+        raise SecateursError(
+            f"--resume: {str(out)!r} holds no config.toml, so it is not the folder of a secateurs run; "
+            "allowed: a folder that secateurs run --out wrote"
+        )
     if (out / "report.json").is_file():  # killed after the last file was written: nothing to redo
         try:
             return json.loads((out / "report.json").read_text())
@@ -330,4 +352,4 @@ def resume(out: Path, *, progress: bool = True) -> dict[str, Any]:
         if distributed.is_main():  # temporary files of writes a kill interrupted
             for stale in out.glob(".*.tmp"):
                 stale.unlink(missing_ok=True)
-        return Run(cfg, out, progress=progress).execute(resume=True)
+        return Run(cfg, out, progress=progress, started=started).execute(resume=(out / CHECKPOINT).is_file())

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from secateurs.errors import SecateursError
+from secateurs.serialization import canonicalize_file_, file_mode
 
 __all__ = ["FORMAT", "inspect_checkpoint", "load", "read_checkpoint", "read_metadata", "save"]
 
@@ -122,6 +123,8 @@ def save(
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         save_file(tensors, str(temporary), metadata=header)
+        canonicalize_file_(temporary)  # safetensors writes metadata keys in hash order
+        os.chmod(temporary, file_mode())  # the process umask, as any new file
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, target)

@@ -153,26 +153,45 @@ def run(
 
 @app.command()
 @user_errors
-def inspect(file: Annotated[str, typer.Argument(help="a secateurs sparse checkpoint or a dense safetensors file")]) -> None:
-    """Per-layer table of a checkpoint: shape, params, zeros, sparsity, bytes, dtype."""
-    from rich.console import Console
-    from rich.table import Table
+def inspect(
+    file: Annotated[str, typer.Argument(help="a secateurs sparse checkpoint, a run's checkpoint.safetensors or any safetensors file")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the rows as JSON (for scripts) instead of a table")] = False,
+) -> None:
+    """Per-tensor table of a checkpoint: shape, params, zeros, sparsity, bytes, dtype, non-finite.
+
+    Checks the file as it reads it: a bitmask that does not match its values, or NaN/Inf in
+    the model's weights, is one line on stderr and exit code 2 (after the table, for NaN/Inf).
+    """
+    import json
 
     from secateurs import prune
 
     rows = prune.inspect_checkpoint(file)
-    table = Table(title=file)
-    for column in ("tensor", "shape", "params", "zeros", "sparsity", "bytes", "dtype"):
-        table.add_column(column, justify="left" if column in ("tensor", "shape", "dtype") else "right")
-    for row in rows:
-        table.add_row(
-            row["name"], "x".join(map(str, row["shape"])) or "scalar", f"{row['params']:,}", f"{row['zeros']:,}",
-            f"{100 * row['sparsity']:.2f}%", f"{row['bytes']:,}", row["dtype"],
-        )
     params = sum(r["params"] for r in rows)
     zeros = sum(r["zeros"] for r in rows)
-    table.add_row("total", "", f"{params:,}", f"{zeros:,}", f"{100 * zeros / max(params, 1):.2f}%", f"{sum(r['bytes'] for r in rows):,}", "")
-    Console().print(table)
+    if as_json:
+        total = {"params": params, "zeros": zeros, "sparsity": zeros / max(params, 1), "bytes": sum(r["bytes"] for r in rows)}
+        typer.echo(json.dumps({"file": file, "tensors": rows, "total": total}, indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=file)
+        for column in ("tensor", "shape", "params", "zeros", "sparsity", "bytes", "dtype", "non-finite"):
+            table.add_column(column, justify="left" if column in ("tensor", "shape", "dtype") else "right", no_wrap=True)
+        for row in rows:
+            table.add_row(
+                row["name"], "x".join(map(str, row["shape"])) or "scalar", f"{row['params']:,}", f"{row['zeros']:,}",
+                f"{100 * row['sparsity']:.2f}%", f"{row['bytes']:,}", row["dtype"], f"{row['nonfinite']:,}" if row["nonfinite"] else "",
+            )
+        table.add_row("total", "", f"{params:,}", f"{zeros:,}", f"{100 * zeros / max(params, 1):.2f}%", f"{sum(r['bytes'] for r in rows):,}", "", "")
+        needed = Console(width=1 << 16).measure(table).maximum
+        console = Console()
+        Console(width=max(console.width, needed)).print(table)  # whole names, never cut
+    broken = [r for r in rows if r["nonfinite"] and r["in_model"]]
+    if broken:
+        named = ", ".join(f"{r['name']} ({r['nonfinite']:,})" for r in broken[:3]) + (", ..." if len(broken) > 3 else "")
+        raise SecateursError(f"checkpoint: got {file!r} with NaN or infinite weights in {len(broken)} tensors: {named}")
 
 
 @app.command(cls=_WithConfigKeys)

@@ -136,6 +136,10 @@ def save(
 
 def _open(path: str | os.PathLike[str]) -> tuple[Any, dict[str, str]]:
     target = Path(path)
+    if target.is_dir():
+        found = sorted(p.name for p in target.glob("*.safetensors"))
+        such = f" such as {str(target / found[0])!r}" if found else ""
+        raise SecateursError(f"checkpoint: got {str(path)!r}, which is a folder; allowed: a .safetensors file{such}")
     if not target.is_file():
         raise SecateursError(f"checkpoint: got {str(path)!r}; no such file; allowed: a .safetensors file")
     try:
@@ -221,39 +225,105 @@ def load(path: str | os.PathLike[str], model: nn.Module, *, strict: bool = True)
     return model
 
 
-def inspect_checkpoint(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Per tensor of ``path``: name, shape, dtype, params, zeros, sparsity, bytes, encoding.
+_TREE_KEY = "secateurs.tree"  # a training state file (secateurs.serialization.save_state)
 
-    Works on sparse checkpoints and plain safetensors files alike, without a model. ``bytes``
-    is what the tensor takes in the file.
+
+def _tree_names(skeleton: Any, path: str = "") -> dict[str, str]:
+    """Stored tensor name -> its place in a state file's tree (``model/features.0.weight``)."""
+    names: dict[str, str] = {}
+    if isinstance(skeleton, list):
+        for i, v in enumerate(skeleton):
+            names |= _tree_names(v, f"{path}/{i}" if path else str(i))
+    elif isinstance(skeleton, dict):
+        if "__t__" in skeleton:
+            names[str(skeleton["__t__"])] = path or "(root)"
+        elif "__d__" in skeleton:
+            for k, v in skeleton["__d__"]:
+                names |= _tree_names(v, f"{path}/{k}" if path else str(k))
+        elif "__tu__" in skeleton:
+            names |= _tree_names(skeleton["__tu__"], path)
+    return names
+
+
+def _checked_bitmask(handle: Any, name: str, entry: Mapping[str, Any], path: object) -> torch.Tensor:
+    """The stored non-zero values of a bitmask entry, once the bitmask is checked against them:
+    the mask's length, its popcount (one set bit per stored value), its padding bits (zero), the
+    values' dtype, and that no stored value has an all-zero bit pattern."""
+    numel = math.prod(entry["shape"])
+    packed = handle.get_tensor(name + _BITMASK)
+    values = handle.get_tensor(name + _VALUES)
+
+    def bad(why: str) -> SecateursError:
+        return SecateursError(f"checkpoint: got {str(path)!r} whose tensor {name!r} does not match its bitmask ({why})")
+
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != math.ceil(numel / 8):
+        raise bad(f"{packed.numel()} bitmask bytes of {_dtype_name(packed.dtype)}; {math.ceil(numel / 8)} uint8 expected for {numel} elements")
+    if _dtype_name(values.dtype) != entry["dtype"] or values.dim() != 1:
+        raise bad(f"values are {_dtype_name(values.dtype)} of {values.dim()} dimensions; the layout says {entry['dtype']}, 1-D")
+    bits = np.unpackbits(packed.numpy(), bitorder="little")
+    if bits[numel:].any():
+        raise bad("bits set past the end of the tensor")
+    ones = int(bits[:numel].sum())
+    if ones != values.numel():
+        raise bad(f"{ones} bits set for {values.numel()} stored values")
+    if values.numel() and bool((values.view(_INT_VIEW[values.element_size()]) == 0).any()):
+        raise bad("a stored value is zero, which the bitmask leaves out")
+    return values
+
+
+def inspect_checkpoint(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Per tensor of ``path``: name, shape, dtype, params, zeros, non-finite, sparsity, bytes,
+    encoding, after checking it.
+
+    Works on sparse checkpoints, plain safetensors files and training state files
+    (``checkpoint.safetensors``, whose tensors are named by their place in the state:
+    ``model/features.0.weight``, ``optimizer/state/0/exp_avg``), without a model. ``bytes`` is
+    what the tensor takes in the file; ``nonfinite`` counts its NaN and infinite elements;
+    ``in_model`` is False for a state file's tensors outside ``model/``.
+    A bitmask that does not match its values, or a layout the file does not hold, raises
+    :class:`SecateursError` (as :func:`read_checkpoint` does).
     """
     handle, header = _open(path)
     layout = _layout(handle, header, path)
+    names = {name: name for name in layout}
+    if _TREE_KEY in header:
+        try:
+            tree = _tree_names(json.loads(header[_TREE_KEY]))
+        except (ValueError, TypeError):
+            tree = {}
+        order = {stored: i for i, stored in enumerate(tree)}
+        layout = dict(sorted(layout.items(), key=lambda kv: order.get(kv[0], len(order))))
+        names = {name: tree.get(name, name) for name in layout}
     rows = []
     for name, entry in layout.items():
         if entry["encoding"] == "bitmask":
-            values = handle.get_tensor(name + _VALUES)
+            values = _checked_bitmask(handle, name, entry, path)
             packed = handle.get_slice(name + _BITMASK).get_shape()
             numel = math.prod(entry["shape"])
             zeros = numel - values.numel() + int((values == 0).sum())
+            nonfinite = int((~torch.isfinite(values)).sum())
             stored = values.numel() * values.element_size() + math.prod(packed)
             dtype = entry["dtype"]
         else:
             tensor = handle.get_tensor(name)
             numel = tensor.numel()
             zeros = int((tensor == 0).sum()) if tensor.dtype != torch.bool else int((~tensor).sum())
+            nonfinite = int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() or tensor.is_complex() else 0
             stored = numel * tensor.element_size()
             dtype = _dtype_name(tensor.dtype)
         rows.append(
             {
-                "name": name,
+                "name": names[name],
                 "shape": list(entry["shape"]),
                 "dtype": dtype,
                 "params": numel,
                 "zeros": zeros,
+                "nonfinite": nonfinite,
                 "sparsity": zeros / numel if numel else 0.0,
                 "bytes": stored,
                 "encoding": entry["encoding"],
+                # a state file's optimizer, pruner and clip log (NaN norms of skipped steps) are not
+                "in_model": _TREE_KEY not in header or names[name].startswith("model/"),
             }
         )
     return rows

@@ -148,7 +148,7 @@ def test_dead_inputs_zero_their_weights_and_do_not_break_the_inverse() -> None:
 def test_magnitude_needs_no_data_and_others_do() -> None:
     layer = _linear(8, 4)
     w = layer.weight.detach().clone()
-    result = prune.oneshot(layer, method="magnitude", sparsity=0.5)
+    result = prune.oneshot(layer, method="magnitude", sparsity=0.5, group="layer")
     assert torch.equal(layer.weight == 0, w.abs() <= w.abs().flatten().sort().values[15])
     assert result.layers[0].error is None
     with pytest.raises(SecateursError, match=r"^calibration: got None; .*'wanda' needs data"):

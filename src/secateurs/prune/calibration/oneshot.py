@@ -38,7 +38,6 @@ Hessian; ``activation`` |w| * mean |x| (the seeds' criterion)."""
 GROUPS: tuple[str, ...] = ("row", "layer", "global")
 """Where weights are compared: within each output row, within each layer, or over all of them."""
 
-_DEFAULT_GROUP = {"magnitude": "layer", "wanda": "row", "activation": "row", "sparsegpt": "layer"}
 
 
 def oneshot(
@@ -48,7 +47,7 @@ def oneshot(
     method: str = "sparsegpt",
     sparsity: float | None = None,
     pattern: str | tuple[int, int] | None = None,
-    group: str | None = None,
+    group: str = "row",
     owl: bool | OWL = False,
     sparsities: Mapping[str, float] | None = None,
     targets: Iterable[str | type[nn.Module]] | None = None,
@@ -71,8 +70,9 @@ def oneshot(
         sparsity: fraction of every targeted weight to prune, in [0, 1).
         pattern: ``"N:M"``: keep N of every M consecutive input weights (then ``sparsity`` may
             be left out; it is ``1 - N/M``).
-        group: one of :data:`GROUPS`; default ``row`` for wanda / activation, ``layer`` for
-            magnitude and sparsegpt (whose mask is chosen per block of columns, as published).
+        group: one of :data:`GROUPS`. For sparsegpt, whose mask is chosen per block of 128
+            columns, ``row`` prunes the same fraction of every row of the block, ``layer`` ranks
+            the block's rows together (as published; 0.928 against 0.931 for ``row`` on MiniLM).
         owl: ``True`` or an :class:`OWL` for outlier-weighted per-layer sparsities.
         sparsities: module (or parameter) name or ``fnmatch`` pattern -> its own sparsity,
             taking precedence over ``sparsity`` and OWL.
@@ -104,7 +104,7 @@ def oneshot(
     else:
         check(sparsity is not None, "sparsity", sparsity, "a number in [0, 1), or a pattern such as '2:4'")
         target_sparsity = check_fraction(sparsity, "sparsity")
-    group = _DEFAULT_GROUP[method] if group is None else check_choice(group, "group", GROUPS)
+    group = check_choice(group, "group", GROUPS)
     check(not (group == "global" and method == "sparsegpt"), "group", group,
           "row or layer for sparsegpt (its mask is chosen per block of columns)")
     check(not (group == "global" and nm is not None), "group", group, "row or layer with a pattern")

@@ -69,8 +69,12 @@ def strip(model: Any) -> Any:
     optimizer = wrapped_optimizer(model)
     for variable, mask in optimizer.masks:
         variable.assign(_numpy(variable) * _numpy(mask).astype(_numpy(variable).dtype))
-    model.optimizer = optimizer.inner_optimizer
-    model.train_function = None
+    compiled = getattr(getattr(model, "_compile_config", None), "config", None)
+    if compiled:  # compile again with the inner optimizer (its state kept), so saving forgets the wrapper
+        model.compile(**{**compiled, "optimizer": optimizer.inner_optimizer})
+    else:
+        model.optimizer = optimizer.inner_optimizer
+        model.train_function = None
     return model
 
 
@@ -84,18 +88,27 @@ def save_sparse(model: Any, path: str | Path) -> Path:
     if optimizer is not None and hasattr(optimizer, "mask_of"):
         masks = {id(v): _numpy(m).astype(bool) for v, m in optimizer.masks}
     tensors: dict[str, np.ndarray] = {}
-    for v in model.weights:
+    for i, v in enumerate(model.weights):
         w = _numpy(v)
+        key = _key(i, v)
         mask = masks.get(id(v))
         if mask is None:
-            tensors[v.path] = np.ascontiguousarray(w)
+            tensors[key] = np.ascontiguousarray(w)
             continue
-        tensors[v.path + ":bits"] = np.packbits(mask.reshape(-1))
-        tensors[v.path + ":values"] = np.ascontiguousarray(w.reshape(-1)[mask.reshape(-1)])
-        tensors[v.path + ":shape"] = np.asarray(w.shape, np.int64)
+        tensors[key + ":bits"] = np.packbits(mask.reshape(-1))
+        tensors[key + ":values"] = np.ascontiguousarray(w.reshape(-1)[mask.reshape(-1)])
+        tensors[key + ":shape"] = np.asarray(w.shape, np.int64)
     path = Path(path)
-    save_file(tensors, str(path), metadata={"format": "secateurs.keras.sparse/1"})
+    save_file(tensors, str(path), metadata={"format": _FORMAT, "weights": str(len(model.weights))})
     return path
+
+
+_FORMAT = "secateurs.keras.sparse/1"
+
+
+def _key(index: int, variable: Any) -> str:
+    """Weights are matched by position in ``model.weights`` (paths change with layer names)."""
+    return f"{index:05d}/{variable.name}"
 
 
 def load_sparse(model: Any, path: str | Path) -> None:
@@ -105,17 +118,21 @@ def load_sparse(model: Any, path: str | Path) -> None:
 
     with safe_open(str(path), "np") as f:
         fmt = (f.metadata() or {}).get("format")
-    check(fmt == "secateurs.keras.sparse/1", "path", str(path), "a file written by secateurs.keras.save_sparse")
+    check(fmt == _FORMAT, "path", str(path), "a file written by secateurs.keras.save_sparse")
     tensors = load_file(str(path))
-    for v in model.weights:
-        if v.path in tensors:
-            v.assign(tensors[v.path])
-            continue
-        if v.path + ":bits" not in tensors:
-            raise SecateursError(f"path: got {str(path)!r} without weight {v.path!r}; allowed: a file of this model")
-        shape = tuple(int(s) for s in tensors[v.path + ":shape"])
-        size = int(np.prod(shape))
-        mask = np.unpackbits(tensors[v.path + ":bits"])[:size].astype(bool)
-        dense = np.zeros(size, tensors[v.path + ":values"].dtype)
-        dense[mask] = tensors[v.path + ":values"]
-        v.assign(dense.reshape(shape))
+    for i, v in enumerate(model.weights):
+        key = _key(i, v)
+        if key in tensors:
+            dense = tensors[key]
+        elif key + ":bits" in tensors:
+            shape = tuple(int(s) for s in tensors[key + ":shape"])
+            size = int(np.prod(shape))
+            mask = np.unpackbits(tensors[key + ":bits"])[:size].astype(bool)
+            dense = np.zeros(size, tensors[key + ":values"].dtype)
+            dense[mask] = tensors[key + ":values"]
+            dense = dense.reshape(shape)
+        else:
+            raise SecateursError(f"path: got {str(path)!r} without weight {key!r}; allowed: a file of this model")
+        if tuple(dense.shape) != tuple(v.shape):
+            raise SecateursError(f"path: got {str(path)!r} with {key!r} of shape {dense.shape}; allowed: shape {tuple(v.shape)}")
+        v.assign(dense)

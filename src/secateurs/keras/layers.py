@@ -38,7 +38,8 @@ register_layer(L.Dense, "kernel")
 register_layer(L.EinsumDense, "kernel", group_axis=0)
 for _conv in (L.Conv1D, L.Conv2D, L.Conv3D, L.Conv1DTranspose, L.Conv2DTranspose):
     register_layer(_conv, "kernel")
-register_layer(L.DepthwiseConv2D, "depthwise_kernel", group_axis=0)
+register_layer(L.DepthwiseConv2D, "kernel", group_axis=0)
+register_layer(L.DepthwiseConv1D, "kernel", group_axis=0)
 register_layer(L.SeparableConv2D, "depthwise_kernel", "pointwise_kernel")
 for _cell in (L.SimpleRNNCell, L.LSTMCell, L.GRUCell):
     register_layer(_cell, "kernel", "recurrent_kernel")

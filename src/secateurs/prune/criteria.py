@@ -285,7 +285,7 @@ class _DataCriterion(Criterion):
         names = [t.name for t in self.targets]
         unknown = sorted(set(state.get("sums", {})) - set(names))
         if unknown:
-            raise SecateursError(f"criterion.sums: got {unknown}; allowed: {names}")
+            raise SecateursError(f"state['sums']: got {unknown}; allowed: {names}")
         self.count = int(state.get("count", 0))
         self.sums = [
             state["sums"][n].to(t.param.device, torch.float32).clone() if n in state.get("sums", {}) else None
@@ -396,7 +396,7 @@ class ActivationCriterion(_DataCriterion):
         Criterion.load_state_dict(self, state)
         unknown = sorted(set(state.get("stats", {})) - set(self.stats.stats))
         if unknown:
-            raise SecateursError(f"criterion.stats: got {unknown}; allowed: {sorted(self.stats.stats)}")
+            raise SecateursError(f"state['stats']: got {unknown}; allowed: {sorted(self.stats.stats)}")
         self.count = int(state.get("count", 0))
         for name, stat in self.stats.stats.items():
             saved = state.get("stats", {}).get(name)

@@ -12,7 +12,9 @@ Where things live:
 - :mod:`~secateurs.prune.checkpoint`: sparse safetensors files (bitmask + non-zeros).
 - :mod:`~secateurs.prune.report`: per-layer sparsity and FLOPs.
 - :mod:`~secateurs.prune.surgery`: structured pruning, :func:`structured` (channels, neurons,
-  heads physically removed; its own criteria in :data:`GROUP_CRITERIA`).
+  heads physically removed; its own criteria in :data:`GROUP_CRITERIA`), and
+  :func:`structured_transformer` (whole heads / KV groups and MLP neurons of Transformers,
+  ``save_pretrained``-ready; criteria in :data:`UNIT_CRITERIA`).
 - :mod:`~secateurs.prune.calibration`: one-shot pruning of a trained model from calibration
   data, :func:`oneshot` (Wanda, SparseGPT, OWL; block by block).
 
@@ -45,29 +47,35 @@ from secateurs.prune.report import LayerSparsity, SparsityReport, sparsity_repor
 from secateurs.prune.schedules import SCHEDULES
 from secateurs.prune.surgery import (
     GROUP_CRITERIA,
+    UNIT_CRITERIA,
     GroupCriterion,
+    check_pretrained,
     load_structured,
     pruning_record,
     register_group_criterion,
+    register_unit_criterion,
     save_structured,
     structured,
+    structured_transformer,
 )
 
 __all__ = [
     "CRITERIA",
     "GROUP_CRITERIA",
+    "OWL",
     "PRUNABLE_MODULES",
     "SCHEDULES",
     "SCOPES",
+    "UNIT_CRITERIA",
     "Criterion",
     "GroupCriterion",
     "LayerSparsity",
-    "OWL",
     "OneshotResult",
     "Pruner",
     "SparsityReport",
     "Target",
     "apply_masks_",
+    "check_pretrained",
     "find_targets",
     "inspect_checkpoint",
     "load",
@@ -79,9 +87,11 @@ __all__ = [
     "read_metadata",
     "register",
     "register_group_criterion",
+    "register_unit_criterion",
     "save",
     "save_structured",
     "schedules",
     "sparsity_report",
     "structured",
+    "structured_transformer",
 ]

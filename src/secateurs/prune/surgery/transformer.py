@@ -548,6 +548,8 @@ def _select(part: Part, scores: torch.Tensor, fraction: float, round_to: int, fi
     keep = int(per * (1.0 - fraction) + 0.5)
     if round_to > 1 and part.kind == "neurons":
         keep = min(per, max(round_to, round(keep / round_to) * round_to)) if per >= round_to else keep
+    if part.kind == "heads" and part.family == "llama" and keep >= 1:
+        keep = _loadable_heads(part, keep)
     if part.kind == "neurons":
         what = "neurons"
     elif part.groups > 1:
@@ -562,6 +564,18 @@ def _select(part: Part, scores: torch.Tensor, fraction: float, round_to: int, fi
     s = scores.reshape(part.groups, per)
     order = torch.argsort(s, dim=1, stable=True)[:, : per - keep]
     return (order + torch.arange(part.groups).reshape(-1, 1) * per).flatten()
+
+
+def _loadable_heads(part: Part, keep: int) -> int:
+    """The kept units nearest ``keep`` (ties: more kept) whose query-head count divides
+    ``hidden_size``, which LLaMA-family configs require even with an explicit ``head_dim``."""
+    hidden = getattr(getattr(part.owner, "config", None), "hidden_size", None)
+    if not isinstance(hidden, int):
+        return keep
+    per = part.units // part.groups
+    queries = (lambda k: k * part.extra["rep"]) if part.groups == 1 else (lambda k: k * part.groups)
+    valid = [k for k in range(1, per + 1) if hidden % queries(k) == 0] or [per]
+    return min(valid, key=lambda k: (abs(k - keep), -k))
 
 
 # ------------------------------------------------------------------------------- the config
@@ -629,8 +643,12 @@ def structured_transformer(
 
     ``sparsity`` is the fraction of heads and of neurons removed from every layer; ``heads`` and
     ``neurons`` override it for one kind (``0`` leaves that kind alone). Every layer loses the
-    same count (the Hugging Face formats hold one count per model), rounded to the nearest
-    whole unit; ``round_to`` keeps the neuron count a multiple of it (for fast kernels).
+    same count (the Hugging Face formats hold one count per model: transformers 5.24 builds
+    LLaMA and BERT layers from the global config and ignores ``per_layer_config``), rounded to
+    the nearest whole unit; ``round_to`` keeps the neuron count a multiple of it (for fast
+    kernels). LLaMA-family configs also require ``hidden_size`` to be a multiple of
+    ``num_attention_heads``, so the head count is rounded to the nearest count that is (ties:
+    fewer heads removed); ``pruning_record(result)`` has what was removed.
 
     Attention heads go whole: all of a head's query, key and value rows and its output columns.
     With grouped-query attention (``num_key_value_heads < num_attention_heads``), ``gqa="kv_group"``

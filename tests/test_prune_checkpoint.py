@@ -134,7 +134,7 @@ def test_inspect_reads_a_plain_dense_safetensors_file(tmp_path):
     rows = {row["name"]: row for row in inspect_checkpoint(tmp_path / "plain.safetensors")}
     assert rows["w"] == {
         "name": "w", "shape": [2, 2], "dtype": "float32", "params": 4, "zeros": 2,
-        "sparsity": 0.5, "bytes": 16, "encoding": "dense",
+        "sparsity": 0.5, "bytes": 16, "encoding": "dense", "nonfinite": 0, "in_model": True,
     }
     assert rows["b"]["zeros"] == 3 and rows["b"]["bytes"] == 6
     assert torch.equal(read_checkpoint(tmp_path / "plain.safetensors")["w"], weight)
@@ -168,3 +168,40 @@ def test_loading_into_the_wrong_model_names_the_checkpoint(tmp_path):
         load(tmp_path / "m.safetensors", nn.Linear(4, 3))
     with pytest.raises(SecateursError, match="does not fit Sequential"):
         load(tmp_path / "m.safetensors", nn.Sequential(nn.Linear(3, 3)))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_a_saved_checkpoint_takes_the_process_umask(tmp_path: Path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        save(nn.Linear(4, 4), tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+_SAVE_IN_A_FRESH_PROCESS = """
+import sys, torch
+from torch import nn
+from secateurs.prune import Pruner, save
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+Pruner(model, sparsity=0.8).step()
+save(model, sys.argv[1], metadata={"zeta": "1", "alpha": "2", "mid": "3"})
+"""
+
+
+def test_the_same_model_saved_by_different_processes_is_byte_identical_with_sorted_metadata(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    paths = [tmp_path / f"m{i}.safetensors" for i in range(4)]
+    for path in paths:  # safetensors orders metadata by a hash seeded per process
+        subprocess.run([sys.executable, "-c", _SAVE_IN_A_FRESH_PROCESS, str(path)], check=True, timeout=120)
+    first = paths[0].read_bytes()
+    assert all(p.read_bytes() == first for p in paths[1:])
+    size = int.from_bytes(first[:8], "little")
+    header = json.loads(first[8 : 8 + size])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"]) == ["alpha", "mid", "secateurs.format", "secateurs.layout", "zeta"]
+    assert next(iter(header)) == "__metadata__"
+    assert read_metadata(paths[0]) == {"zeta": "1", "alpha": "2", "mid": "3"}

@@ -63,3 +63,37 @@ def test_failed_atomic_write_leaves_the_old_file(tmp_path: Path) -> None:
         os.replace = real_replace  # type: ignore[assignment]
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_writes_take_the_process_umask_like_any_new_file(tmp_path: Path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "report.md", "x")
+        save_state(tmp_path / "state.safetensors", {"w": torch.ones(2)})
+        (tmp_path / "plain.txt").write_text("x")  # the reference: an ordinary open()
+    finally:
+        os.umask(old)
+    want = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert want == 0o666 & ~umask
+    for name in ("report.md", "state.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == want, name
+
+
+def test_canonical_header_sorts_metadata_and_keeps_offsets_and_tensors() -> None:
+    import json
+
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    from secateurs.serialization import canonical_header
+
+    tensors = {"b": torch.arange(3.0), "a": torch.ones(2, 2, dtype=torch.float16)}
+    raw = st_save(tensors, metadata={"z": "1", "a": "2", "m": "3"})
+    fixed = canonical_header(raw)
+    assert len(fixed) == len(raw) and fixed[8 + int.from_bytes(raw[:8], "little"):] == raw[8 + int.from_bytes(raw[:8], "little"):]
+    header = json.loads(fixed[8 : 8 + int.from_bytes(fixed[:8], "little")])
+    assert list(header) == ["__metadata__", *sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])]
+    assert list(header["__metadata__"]) == ["a", "m", "z"]
+    back = st_load(fixed)
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())

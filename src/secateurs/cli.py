@@ -1,4 +1,4 @@
-"""The ``secateurs`` command line: run, sweep, sensitivity, inspect.
+"""The ``secateurs`` command line: run, sweep, sensitivity, inspect, prune.
 
 A user error (bad config value, unknown key, missing file, a file that is not a checkpoint) is
 printed as one line on stderr with exit code 2, never a traceback.
@@ -292,6 +292,49 @@ def _import_path_like_python_m() -> None:
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
         sys.path.insert(0, cwd)
+
+
+@app.command("prune")
+@user_errors
+def prune_command(
+    model: Annotated[str, typer.Argument(help="a Hugging Face folder (config.json + weights) or a .safetensors state dict (with --factory)")],
+    calibration: Annotated[Path | None, typer.Option("--calibration", help="text / JSONL file (tokenised with the model's tokenizer), .npz / .safetensors input tensors, or an image folder")] = None,
+    evaluation: Annotated[Path | None, typer.Option("--eval", help="data to compare the pruned model with the dense one (same forms as --calibration)")] = None,
+    method: Annotated[str, typer.Option("--method", help="sparsegpt, wanda, magnitude or activation")] = "sparsegpt",
+    sparsity: Annotated[float | None, typer.Option("--sparsity", help="fraction of every targeted weight pruned, in [0, 1)")] = None,
+    pattern: Annotated[str | None, typer.Option("--pattern", help="N:M, e.g. 2:4 (keep N of every M input weights)")] = None,
+    group: Annotated[str, typer.Option("--group", help="compare weights per row, per layer or globally")] = "row",
+    owl: Annotated[bool, typer.Option("--owl", help="outlier-weighted per-layer sparsities (OWL)")] = False,
+    damping: Annotated[float, typer.Option("--damping", help="SparseGPT dampening, a fraction of mean(diag H)")] = 0.01,
+    factory: Annotated[str | None, typer.Option("--factory", help="package.module:function building the model of a .safetensors MODEL")] = None,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="module or parameter names (fnmatch) left dense; repeatable")] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="tokens per text (window length for causal LMs)")] = 128,
+    samples: Annotated[int, typer.Option("--samples", help="calibration examples (texts, windows, images) used")] = 128,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="examples per forward")] = 8,
+    out: Annotated[Path | None, typer.Option("--out", help="output folder, written all at once (default runs/prune-<timestamp>)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+) -> None:
+    """Prune a model you already have, once, from calibration data (Wanda, SparseGPT, OWL).
+
+    Writes OUT/ with the pruned model in the format it came in, report.json / report.md
+    (per-layer sparsity, reconstruction error and dampening; quality before and after on
+    --eval), timings.json and layers.png.
+    """
+    from secateurs.pretrained.command import prune_pretrained
+
+    out = out or _default_out("prune-")
+    done = prune_pretrained(
+        model, calibration=calibration, evaluation=evaluation, method=method, sparsity=sparsity, pattern=pattern,
+        group=group, owl=owl, damping=damping, factory=factory, exclude=exclude or [], seq_len=seq_len,
+        samples=samples, batch_size=batch_size, out=out, progress=not quiet,
+    )
+    result, quality = done["result"], done["quality"]
+    agree = quality.get("agreement", {})
+    measured = "".join(f", {k} {v:.4f}" for k, v in agree.items())
+    ppl = quality.get("pruned", {}).get("perplexity")
+    if ppl is not None:
+        measured += f", perplexity {quality['dense']['perplexity']:.2f} -> {ppl:.2f}"
+    typer.echo(f"{result.method}: sparsity {result.sparsity:.4f} over {len(result.layers)} weights{measured}; {result.seconds:.1f} s; wrote {out}/")
 
 
 def main() -> None:

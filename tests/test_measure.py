@@ -77,3 +77,10 @@ def test_docstring_examples_run() -> None:
 
     result = doctest.testmod(secateurs.measure, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted > 0
+
+
+@pytest.mark.parametrize("batch", [1, 32])
+def test_a_linear_bias_counts_one_add_per_output_of_every_example(batch: int) -> None:
+    # 64x256 weight: 256 * 64 multiply-accumulates and 64 bias adds per example, at any batch
+    assert count_macs(nn.Linear(256, 64), torch.zeros(batch, 256)) == 256 * 64 + 64
+    assert count_macs(nn.Linear(256, 64), torch.zeros(batch, 5, 256)) == 5 * (256 * 64 + 64)

@@ -110,3 +110,10 @@ def test_to_dict_is_json_and_tables_render():
     console = Console(record=True, width=120)
     console.print(report.to_rich())
     assert "0.weight" in console.export_text()
+
+
+def test_a_linear_row_counts_its_bias_per_example_at_batch_32() -> None:
+    model = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10))
+    rows = {row.name: row for row in sparsity_report(model, torch.zeros(32, 256)).layers}
+    assert rows["0.weight"].flops == 256 * 64 + 64  # not 16,386: the bias once per batch
+    assert rows["2.weight"].flops == 64 * 10 + 10

@@ -45,6 +45,13 @@ def _recurrent_macs(module: nn.RNNBase, inputs: tuple, output: Any) -> None:
     module.__flops__ += int(tokens * per_token * directions)
 
 
+def _linear_macs(module: nn.Linear, inputs: tuple, output: torch.Tensor) -> None:
+    """MACs of a Linear: in x out per row, plus one add per output element for the bias.
+    Torch-Pruning's counter adds the bias once per batch, so its per-example figure counted a
+    64x256 layer's 64 bias adds as 2 at batch 32."""
+    module.__flops__ += int(inputs[0].numel() * module.out_features + (output.numel() if module.bias is not None else 0))
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """Multiply-accumulates of one forward pass per example (the batch size is divided out).
@@ -62,15 +69,15 @@ def count_macs_by_module(model: nn.Module, example_inputs: Any) -> tuple[int, di
     Torch-Pruning sums each module's count over the batch but divides its total by the batch;
     the module counts are scaled the same way here, so they add up to the total.
 
-    Torch-Pruning adds a Linear's bias once per batch, not once per example, so with a batch
-    of B those adds are counted 1/B times (72 MACs of 487,690 on the seed CNN at B = 32).
+    A Linear's bias adds count once per output element of every example, as a convolution's do
+    (Torch-Pruning's own counter adds them once per batch).
 
     >>> net = torch.nn.Sequential(torch.nn.Linear(8, 4, bias=False), torch.nn.Linear(4, 2, bias=False))
     >>> total, by_module = count_macs_by_module(net, torch.zeros(5, 8))
     >>> total, by_module[net[0]], by_module[net[1]]
     (40, 32.0, 8.0)
     """
-    _op_counter.CUSTOM_MODULES_MAPPING = {t: _recurrent_macs for t in (nn.RNN, nn.LSTM, nn.GRU)}
+    _op_counter.CUSTOM_MODULES_MAPPING = {nn.Linear: _linear_macs} | {t: _recurrent_macs for t in (nn.RNN, nn.LSTM, nn.GRU)}
     macs, _, per_module, _ = tp.utils.count_ops_and_params(model, plain(example_inputs), layer_wise=True)
     whole = per_module.get(model) or 0
     scale = macs / whole if whole else 1.0

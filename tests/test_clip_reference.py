@@ -466,3 +466,12 @@ def test_adagc_skips_a_non_finite_step_where_the_authors_code_stops_clipping_tha
     assert spike is not None
     torch.testing.assert_close(poisoned[110][2], spike)
     assert ours[110][2].norm() < 0.3 * spike.norm()
+
+
+def test_zclip_docstring_example_runs() -> None:
+    import doctest
+
+    from secateurs.clip import zclip
+
+    result = doctest.testmod(zclip, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

@@ -142,6 +142,28 @@ def test_tradeoff_plot_is_a_png() -> None:
     assert tradeoff_png(sweeper.summarise(rows)).startswith(b"\x89PNG\r\n\x1a\n")
 
 
+def test_a_one_seed_sweep_shows_means_without_a_spread() -> None:
+    rows = [_row("magnitude", 0.9, 0, 0.92, 0.97), _row("random", 0.9, 0, 0.55, 0.97)]
+    text = sweeper.markdown(rows, load_config())
+    assert "±" not in text
+    assert "Dense baseline: **97.00**" in text and "| magnitude | **92.0** |" in text and "| random | 55.0 |" in text
+    assert "one seed" in text
+
+
+def test_the_zoom_panel_shows_only_what_its_title_says() -> None:
+    from secateurs.experiment.sweep_plots import tradeoff_figure
+
+    # dense 80%; one criterion 10 points above dense, one 20 points below (so the zoom panel is drawn)
+    rows = [_row("magnitude", s, 0, 0.90, 0.80) for s in (0.5, 0.9)] + [_row("random", s, 0, 0.60, 0.80) for s in (0.5, 0.9)]
+    fig = tradeoff_figure(sweeper.summarise(rows))
+    zoom = fig.axes[1]
+    low, high = zoom.get_ylim()
+    assert zoom.get_title() == "zoom: the top 6 points, 84.0% to 90.0%"
+    assert (low, high) == (pytest.approx(84.0), pytest.approx(90.5))
+    shown = [y for line in zoom.get_lines() for y in line.get_ydata() if low <= y <= high and len(line.get_xdata()) > 1]
+    assert shown and all(90.0 - 6 <= y <= 90.0 for y in shown)
+
+
 # --- end to end ------------------------------------------------------------------------------
 
 

@@ -457,6 +457,9 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def _pm(stat: Stat, scale: float = 100.0, digits: int = 1) -> str:
+    """``mean ± std``; just the mean for a single seed, which has no spread to show."""
+    if stat.n < 2:
+        return f"{scale * stat.mean:.{digits}f}"
     return f"{scale * stat.mean:.{digits}f} ± {scale * stat.std:.{digits}f}"
 
 
@@ -476,8 +479,8 @@ def markdown(rows: Sequence[Mapping[str, Any]], base: RunConfig, *, seconds: flo
         f"Pruning {base.prune.kind}, scope {base.prune.scope}, schedule {base.prune.schedule}; "
         f"{base.train.epochs} dense + {base.prune.epochs} pruning + {base.prune.finetune_epochs} fine-tuning epochs.",
         "",
-        f"Test accuracy in %, mean ± sample standard deviation over {len(seeds)} seed{'s' if len(seeds) > 1 else ''}; "
-        "bold: the best mean at that sparsity.",
+        (f"Test accuracy in %, mean ± sample standard deviation over {len(seeds)} seeds; " if len(seeds) > 1 else "Test accuracy in %, one seed; ")
+        + "bold: the best mean at that sparsity.",
         "",
     ]
     for clip_label in clips:

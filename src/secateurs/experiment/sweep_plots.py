@@ -59,8 +59,13 @@ def tradeoff_png(summary: Mapping[str, Any], *, title: str = "") -> bytes:
     ± one standard deviation over seeds, and the dense accuracy as a dashed reference line.
 
     When the worst point lies more than 10 points below dense, a second panel zooms in on the
-    top 6 points so that close criteria stay apart.
+    top 6 points (below the best mean, dense or pruned) so that close criteria stay apart.
     """
+    return _png(tradeoff_figure(summary, title=title))
+
+
+def tradeoff_figure(summary: Mapping[str, Any], *, title: str = "") -> Figure:
+    """The figure of :func:`tradeoff_png` (its axes are ``fig.axes``)."""
     series = _series(summary)
     dense_top = max(100 * stat.mean for stat in summary["dense"].values())
     means = [100 * stats["accuracy"].mean for points in series.values() for _, stats in points]
@@ -74,9 +79,10 @@ def tradeoff_png(summary: Mapping[str, Any], *, title: str = "") -> bytes:
     axes[0][0].legend(loc="lower left", fontsize=8)
     axes[0][0].set_title(f"Accuracy vs compression{': ' + title if title else ''}")
     if zoom:
-        axes[0][1].set_ylim(dense_top - 6, max(dense_top, highest) + 1)
-        axes[0][1].set_title("zoom: within 6 points of dense")
-    return _png(fig)
+        top = max(dense_top, highest)
+        axes[0][1].set_ylim(top - 6, top + 0.5)
+        axes[0][1].set_title(f"zoom: the top 6 points, {top - 6:.1f}% to {top:.1f}%")
+    return fig
 
 
 def sensitivity_png(curve_rows: Sequence[Mapping[str, Any]], result: Mapping[str, Any]) -> bytes:

@@ -168,8 +168,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModel, AutoTokenizer
 from llmcompressor import oneshot
-from llmcompressor.modifiers.pruning import WandaPruningModifier
-from llmcompressor.modifiers.obcq import SparseGPTModifier
+from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 cell = sys.argv[1]
 opts = bench.parse_cell(cell)
 folder = bench.minilm_folder()

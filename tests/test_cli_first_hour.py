@@ -246,3 +246,14 @@ def test_the_resume_hint_for_a_run_stopped_before_its_first_epoch_works(tmp_path
     assert (out / "report.json").is_file()
     finished = _one_line(_secateurs("run", *_sets(TINY), "--out", str(out)))
     assert "holds a finished run; allowed: a new or empty folder" in finished
+
+
+# --- 9. threads ---------------------------------------------------------------------------------
+
+
+def test_the_readme_says_how_many_threads_and_the_quick_start_sets_one() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    quick_start = readme.split("## Quick start in Python")[1].split("```python")[1].split("```")[0]
+    assert "torch.set_num_threads(1)" in quick_start
+    note = " ".join(readme.split("**Threads**")[1].split("\n\n")[0].split())
+    assert "train.threads" in note and "18x slower" in note and "torch.set_num_threads(1)" in note

@@ -184,3 +184,63 @@ def test_a_threshold_run_prunes_what_scores_below_it_and_reports_what_it_reached
         assert report["final"]["params"] < report["dense"]["params"]
     text = (tmp_path / "run" / "report.md").read_text()
     assert f"threshold {threshold}, reached {p['reached_sparsity']:.4f}" in text
+
+
+# --- #17: report polish ------------------------------------------------------------------------
+
+TINY = ["data.limit=200", "train.epochs=1", "prune.epochs=1", "prune.finetune_epochs=1"]
+
+
+def test_a_structured_run_shows_the_channels_removed_on_its_prune_and_finetune_rows(tmp_path: Path) -> None:
+    overrides = [*TINY, "prune.kind=structured", "prune.sparsity=0.5", "prune.rounds=1"]
+    report = start(load_config(overrides=overrides), tmp_path / "s", progress=False)
+    reached = report["prune"]["reached_sparsity"]
+    assert 0.4 < reached <= 0.5
+    by_phase = {row["phase"]: row["sparsity"] for row in report["history"]}
+    assert by_phase == {"dense": 0.0, "prune": pytest.approx(reached), "finetune": pytest.approx(reached)}
+    text = (tmp_path / "s" / "report.md").read_text()
+    assert "x fewer |" in text.split("| MACs |")[1].splitlines()[0]  # the smaller model has fewer MACs
+
+
+def test_unchanged_macs_read_same_not_1x_fewer(quick_run: tuple[Path, dict]) -> None:
+    out, report = quick_run
+    assert report["dense"]["macs"] == report["final"]["macs"]  # masks leave the dense kernels' MACs
+    row = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| MACs |"))
+    assert row == f"| MACs | {report['dense']['macs']:,} | {report['final']['macs']:,} | same |"
+
+
+def test_history_rows_count_the_optimizer_steps_and_grad_norm_png_shades_the_phases(quick_run: tuple[Path, dict]) -> None:
+    from matplotlib.patches import Polygon, Rectangle
+
+    from secateurs import clip
+    from secateurs.experiment.plots import grad_norm_figure
+
+    _, report = quick_run
+    per_epoch = math.ceil(510 / 64)  # data.limit=600 leaves 510 training examples
+    assert [row["steps"] for row in report["history"]] == [per_epoch * (i + 1) for i in range(len(report["history"]))]
+    log = clip.ClipLog()
+    fig = grad_norm_figure(log, report["history"])
+    ax = fig.axes[0]
+    spans = sorted(round(p.get_xy()[0][0] if isinstance(p, Polygon) else p.get_x(), 1) for p in ax.patches if isinstance(p, (Polygon, Rectangle)))
+    # QUICK_RUN: 3 dense, 3 prune, 2 fine-tune epochs
+    assert spans == [0.5, 3 * per_epoch + 0.5, 6 * per_epoch + 0.5]
+    assert [t.get_text() for t in ax.texts] == ["dense", "prune", "finetune"]
+
+
+def test_the_wall_time_counts_from_the_given_start(tmp_path: Path) -> None:
+    import time
+
+    report = start(load_config(overrides=[*TINY, "prune.kind=none"]), tmp_path / "w", progress=False, started=time.perf_counter() - 100.0)
+    assert 100.0 < report["wall_seconds"] < 400.0
+
+
+def test_the_cli_counts_its_wall_time_from_the_process_start() -> None:
+    import time
+
+    before = time.perf_counter()  # CLOCK_MONOTONIC: the same clock in every process on Linux
+    probe = "import secateurs.cli as c; print(repr(c._STARTED))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    after = time.perf_counter()
+    started = float(done.stdout)
+    assert before - 0.05 <= started <= after
+    assert started - before < 0.25 * (after - before) + 0.03  # at the process start, not at the end of the imports

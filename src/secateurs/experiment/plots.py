@@ -56,12 +56,32 @@ def accuracy_png(history: Sequence[Mapping[str, Any]]) -> bytes:
     return _png(fig)
 
 
-def grad_norm_png(log: clip.ClipLog) -> bytes:
-    """Gradient norm per step (before clipping), the clip threshold, clipped and skipped steps."""
+def _shade_phases_by_step(ax: Any, history: Sequence[Mapping[str, Any]]) -> None:
+    """The phases of accuracy.png on a step axis, from each epoch's running step count."""
+    start, done = 0.5, 0
+    for i, row in enumerate(history):
+        done = row.get("steps", done)
+        last = i + 1 == len(history) or history[i + 1]["phase"] != row["phase"]
+        if last and "steps" in row:
+            end = done + 0.5
+            ax.axvspan(start, end, color=PHASE_COLOURS.get(row["phase"], "#eeeeee"), zorder=0)
+            ax.text((start + end) / 2, 1.0, row["phase"], transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=9)
+            start = end
+
+
+def grad_norm_png(log: clip.ClipLog, history: Sequence[Mapping[str, Any]] = ()) -> bytes:
+    """Gradient norm per step (before clipping), the clip threshold, clipped and skipped steps,
+    over the phases of ``history`` shaded as in accuracy.png."""
+    return _png(grad_norm_figure(log, history))
+
+
+def grad_norm_figure(log: clip.ClipLog, history: Sequence[Mapping[str, Any]] = ()) -> Figure:
+    """The figure of :func:`grad_norm_png`."""
     norms, thresholds = log.norms(), log.thresholds()
     clipped, skipped = log.clipped(), log.skipped()
     steps = list(range(1, len(norms) + 1))
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    _shade_phases_by_step(ax, history)
     ax.plot(steps, norms, lw=0.8, color="#1f6feb", label="gradient norm (before clipping)")
     finite_thresholds = [(s, t) for s, t in zip(steps, thresholds, strict=False) if t == t and t != float("inf")]
     if finite_thresholds:
@@ -79,6 +99,6 @@ def grad_norm_png(log: clip.ClipLog) -> bytes:
         ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("norm")
-    ax.set_title("Gradient norm per step")
+    ax.set_title("Gradient norm per step", pad=18 if history else 6)
     ax.legend(loc="upper right")
-    return _png(fig)
+    return fig

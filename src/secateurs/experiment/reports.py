@@ -235,5 +235,5 @@ def write_all(out: Path, report: Mapping[str, Any], log: clip.ClipLog, history: 
 
     atomic_write_text(out / "report.md", markdown(report))
     atomic_write_bytes(out / "accuracy.png", plots.accuracy_png(history))
-    atomic_write_bytes(out / "grad_norm.png", plots.grad_norm_png(log))
+    atomic_write_bytes(out / "grad_norm.png", plots.grad_norm_png(log, history))
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")

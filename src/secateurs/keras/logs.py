@@ -27,8 +27,7 @@ class ClipStatsLogger(keras.callbacks.Callback):
         self._last: dict[str, float] = {}
 
     def _read(self) -> dict[str, float]:
-        stats = wrapped_optimizer(self.model).stat_variables
-        values = live_values(self.model, [stats[name] for name in STAT_NAMES])
+        (values,) = live_values(self.model, [wrapped_optimizer(self.model).stat_variable])
         return {self.prefix + name: float(v) for name, v in zip(STAT_NAMES, values, strict=True)}
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:

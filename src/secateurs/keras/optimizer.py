@@ -65,7 +65,7 @@ class _Held:
     def __init__(self, masked: Sequence[int]) -> None:
         self.masked: list[int] = list(masked)
         self.masks: dict[int, Any] = {}
-        self.stats: dict[str, Any] = {}
+        self.stats: Any = None
         self.prune_step: Any = None
 
 
@@ -99,8 +99,8 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
     def build(self, var_list: Sequence[Any]) -> None:
         var_list = list(var_list)
         held = self._held
-        for stat in STAT_NAMES:
-            held.stats[stat] = self.add_variable((), "zeros", "float32", name=f"clip_{stat}")
+        # one vector, one assign per step: (norm_before, norm_after, threshold, clipped, skipped, steps)
+        held.stats = self.add_variable((len(STAT_NAMES),), "zeros", "float32", name="clip_stats")
         if self.rule is not None:
             self.rule.build(self, var_list)
         held.prune_step = self.add_variable((), "zeros", "int32", name="prune_step")
@@ -148,9 +148,15 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
         return [(self._trainable_variables[i], m) for i, m in self._held.masks.items()]
 
     @property
-    def stat_variables(self) -> dict[str, Any]:
-        """The statistics variables by name (see :data:`~secateurs.keras.stats.STAT_NAMES`)."""
-        return dict(self._held.stats)
+    def stat_variable(self) -> Any:
+        """The statistics vector, in the order of :data:`~secateurs.keras.stats.STAT_NAMES`."""
+        return self._held.stats
+
+    def stats(self) -> dict[str, float]:
+        """The statistics by name, read now (under JAX's ``fit``, use
+        :class:`~secateurs.keras.ClipStatsLogger`, which reads the live state)."""
+        values = ops.convert_to_numpy(self._held.stats)
+        return {name: float(v) for name, v in zip(STAT_NAMES, values, strict=True)}
 
     @property
     def prune_step(self) -> Any:
@@ -173,11 +179,9 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
         else:
             grads, stats = self.rule.clip(grads, variables)
         ok = ops.isfinite(stats.norm_before)
-        s = held.stats
-        for name in ("norm_before", "norm_after", "threshold", "clipped"):
-            s[name].assign(ops.cast(getattr(stats, name), "float32"))
-        s["skipped"].assign(s["skipped"].value + 1.0 - ops.cast(ok, "float32"))
-        s["steps"].assign(s["steps"].value + 1.0)
+        counts = held.stats.value[4:] + ops.stack([1.0 - ops.cast(ok, "float32"), ops.ones((), "float32")])
+        last = ops.stack([ops.cast(x, "float32") for x in stats])
+        held.stats.assign(ops.concatenate([last, counts]))
         held.prune_step.assign(held.prune_step.value + 1)
         return grads, ok
 

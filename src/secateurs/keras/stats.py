@@ -26,5 +26,6 @@ class ClipStats(NamedTuple):
 
 
 STAT_NAMES = ("norm_before", "norm_after", "threshold", "clipped", "skipped", "steps")
-"""The clip statistics an optimizer from :func:`secateurs.keras.wrap` keeps as variables
-(``skipped`` and ``steps`` count since the start; the others are the last step's)."""
+"""The clip statistics an optimizer from :func:`secateurs.keras.wrap` keeps, in this order, in
+one float32 vector variable (``skipped`` and ``steps`` count since the start; the others are
+the last step's)."""

@@ -51,7 +51,7 @@ def test_layout_table_matches_the_tree() -> None:
         name = f"src/secateurs/{entry.name}" + ("/" if entry.is_dir() else "")
         assert name in rows, f"README's layout table does not mention {name}"
     shims = {"structured_criteria", "structured_io", "structured_layers"}  # deprecated aliases
-    for folder in ("clip", "prune", "prune/surgery", "experiment"):
+    for folder in ("clip", "prune", "prune/surgery", "prune/calibration", "pretrained", "experiment"):
         described = rows[f"src/secateurs/{folder}/"]
         for module in (package / folder).glob("*.py"):
             if module.stem.startswith("__") or module.stem in shims:

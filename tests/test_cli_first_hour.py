@@ -172,6 +172,10 @@ def test_two_identical_runs_write_identical_bytes_readable_under_the_umask(tmp_p
         assert _sha(a / name) == _sha(b / name), name
     ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
     assert _without_timing(ra) == _without_timing(rb)
+    timed = ("| CPU latency", "Wall time:")
+    ma, mb = ([line for line in (d / "report.md").read_text().splitlines() if not line.startswith(timed)] for d in (a, b))
+    assert ma == mb
+    assert set(json.loads((a / "timing.json").read_text())) == {"epoch", "wall_seconds", "latency_ms"}
 
 
 # --- 5. start-up and Ctrl-C --------------------------------------------------------------------

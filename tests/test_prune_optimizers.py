@@ -2,8 +2,16 @@
 
 Random small models (MLP, CNN, GRU, attention), random sparsity and criterion, dense warm-up
 steps first (so momentum and Adam moments are non-zero when the masks arrive), and a second,
-higher prune half way through. Then: a pruner attached to a clipping wrapper zeroes the pruned
-gradients before the rule measures them.
+higher prune half way through. Each of the pruner's two protections is checked on its own:
+
+* zeroed gradients and optimizer state: an element-wise optimizer (SGD, Adam, AdamW, RMSprop)
+  must leave a pruned weight at zero by itself, which a step post-hook registered before the
+  pruner's sees before the pruner re-zeroes anything;
+* re-zeroing after the step: an optimizer that mixes coordinates (``RowMixing``) moves pruned
+  weights whatever the state, so only the re-zeroing keeps them at zero.
+
+Then: a pruner attached to a clipping wrapper zeroes the pruned gradients before the rule
+measures them.
 """
 
 from __future__ import annotations
@@ -17,12 +25,30 @@ from torch import nn
 from secateurs.clip import GlobalNorm, wrap
 from secateurs.prune import Pruner, make_criterion
 
-OPTIMIZERS = {
+
+class RowMixing(torch.optim.Optimizer):
+    """SGD whose update of each weight adds the mean gradient of its row: zero gradient and
+    state at a weight do not keep it still (like Shampoo or Muon, it mixes coordinates)."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    g = p.grad if p.dim() < 2 else p.grad + p.grad.mean(dim=-1, keepdim=True)
+                    p.add_(g, alpha=-group["lr"])
+
+
+ELEMENTWISE = {
     "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
     "adam": lambda p: torch.optim.Adam(p, lr=0.05),
     "adamw": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1),
     "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.5, centered=True, weight_decay=1e-3),
 }
+OPTIMIZERS = {**ELEMENTWISE, "row-mixing": lambda p: RowMixing(p, lr=0.05)}
 
 
 class Sequence(nn.Module):
@@ -83,6 +109,14 @@ def test_masks_never_revive_over_200_steps(optimizer_name, kind, width, depth, s
     for _ in range(warmup):
         train_step()
     pruner = Pruner(model, sparsity=min(sparsity + 0.15, 0.95), criterion=make_criterion(criterion, seed=seed) if criterion == "random" else criterion)
+    moved: list[tuple[int, str]] = []  # pruned weights the optimizer itself moved
+
+    def before_re_zeroing(opt: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        for target in pruner.targets:
+            if target.param.detach()[~pruner.masks[target.name]].any():
+                moved.append((len(moved), target.name))
+
+    optimizer.register_step_post_hook(before_re_zeroing)  # runs before the pruner's post-hook
     pruner.attach(optimizer)
     pruner.step(sparsity)
     for step in range(200):
@@ -96,6 +130,10 @@ def test_masks_never_revive_over_200_steps(optimizer_name, kind, width, depth, s
             assert torch.equal(pruned, torch.zeros_like(pruned)), (step, target.name)
             assert not torch.signbit(pruned).any(), (step, target.name)
     assert pruner.current_sparsity == pytest.approx(min(sparsity + 0.15, 0.95), abs=0.02)
+    if optimizer_name in ELEMENTWISE:
+        assert moved == []  # masked gradients and state alone kept them still
+    else:
+        assert moved  # the optimizer did move them: the re-zeroing above is what held
 
 
 def test_optimizer_state_of_pruned_weights_is_zeroed():

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import operator
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -129,13 +128,17 @@ def has_dtensor(tensors: list[Tensor]) -> bool:
     return cls is not None and any(issubclass(k, cls) for k in set(map(type, tensors)))
 
 
-_IS_CPU = operator.attrgetter("is_cpu")
-_NUMEL = operator.methodcaller("numel")
+def _all_nonempty(tensors: list[Tensor]) -> bool:
+    return all(t.numel() for t in tensors)
 
 
 def is_dense_cpu(tensors: list[Tensor]) -> bool:
-    """All on the CPU and none a DTensor: reading a value costs no device sync."""
-    return all(map(_IS_CPU, tensors)) and not has_dtensor(tensors)
+    """All on the CPU and none a DTensor: reading a value costs no device sync.
+
+    Plain generator expressions, not ``map(attrgetter(...))``: Dynamo traces the former and
+    not the latter, so a ``torch.compile(..., fullgraph=True)`` of a step gets through.
+    """
+    return all(t.is_cpu for t in tensors) and not has_dtensor(tensors)
 
 
 def plain(t: Tensor) -> Tensor:
@@ -333,7 +336,7 @@ def total_norm(tensors: list[Tensor], norm_type: float = 2.0, *, cpu: bool | Non
     """
     if not tensors:
         return torch.zeros(())
-    if norm_type == math.inf and not all(map(_NUMEL, tensors)):
+    if norm_type == math.inf and not _all_nonempty(tensors):
         # an empty tensor adds nothing to the largest |element|, but ATen refuses its inf-norm
         kept = [t for t in tensors if t.numel()]
         if not kept:
@@ -348,7 +351,7 @@ def total_norm(tensors: list[Tensor], norm_type: float = 2.0, *, cpu: bool | Non
 @torch.no_grad()
 def per_tensor_norms(tensors: list[Tensor], norm_type: float = 2.0) -> Tensor:
     """Vector of the p-norm of each tensor, in order, on the first tensor's device."""
-    if norm_type == math.inf and not all(map(_NUMEL, tensors)):
+    if norm_type == math.inf and not _all_nonempty(tensors):
         # the inf-norm of an empty tensor is 0 (see total_norm)
         kept = [t for t in tensors if t.numel()]
         if not kept:

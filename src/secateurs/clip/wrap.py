@@ -32,11 +32,13 @@ Where the clipping goes, and why it is correct there:
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.optim.optimizer as torch_optimizer
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
@@ -51,6 +53,75 @@ __all__ = ["NONFINITE", "ClippedOptimizer", "NonFiniteGradError", "wrap"]
 
 NONFINITE = ("skip", "error", "ignore")
 """Policies for a step whose gradient norm is NaN or inf."""
+
+NONFINITE_MESSAGE = (
+    "gradient norm is non-finite; nonfinite='error' stops training here, "
+    "nonfinite='skip' would skip the step"
+)
+
+# torch wraps every optimizer's step twice: hooks and profiling (Optimizer.profile_hook_step),
+# then grad mode (_use_grad_for_differentiable), which calls torch._dynamo.graph_break() on
+# purpose. Their code objects tell the wrappers apart from whatever else decorates a step.
+_HOOKED = torch.optim.Optimizer.profile_hook_step(lambda *a, **k: None).__code__
+_USE_GRAD = torch_optimizer._use_grad_for_differentiable(lambda *a, **k: None).__code__
+
+
+_TRACED_LOGS: weakref.WeakValueDictionary[int, ClipLog] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("secateurs::record_step", mutates_args=("token",))
+def _record_step(token: Tensor, row: Tensor, log_id: int) -> None:
+    """Append ``row`` (norm before, after, threshold, clipped, skipped) to a log, at run time.
+
+    A traced step cannot append to the log's Python lists: Dynamo would guard on their lengths
+    and recompile every step (then fail ``fullgraph=True`` at the recompile limit). As an
+    opaque op the append runs when the graph does; ``token`` is a dummy tensor the op
+    declares it writes, so no compiler drops it as dead code.
+    """
+    log = _TRACED_LOGS.get(log_id)
+    if log is not None:
+        stats = ClipStats(row[0], row[1], row[2], row[3] > 0.5)
+        log.record(stats, skipped=row[4] > 0.5)
+
+
+@_record_step.register_fake
+def _(token: Tensor, row: Tensor, log_id: int) -> None:
+    return None
+
+
+def _inner_step(optimizer: torch.optim.Optimizer) -> Any:
+    """``optimizer.step()``; while Dynamo traces, the same without torch's two wrappers.
+
+    The grad-mode wrapper breaks the graph on purpose (pytorch/pytorch#104053), so
+    ``torch.compile(wrapped.step, fullgraph=True)`` could not trace any torch optimizer through
+    it. Traced, this runs what those wrappers run: the step pre-hooks (global, then the
+    optimizer's), the step function under the grad mode torch would set, the post-hooks.
+    """
+    if not torch.compiler.is_compiling():
+        return optimizer.step()
+    step = type(optimizer).step
+    hooked = step.__code__ is _HOOKED
+    if hooked:
+        step = step.__wrapped__
+    grad_mode = None
+    if step.__code__ is _USE_GRAD:
+        step, grad_mode = step.__wrapped__, bool(optimizer.defaults["differentiable"])
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = {}
+    hooks = torch_optimizer._global_optimizer_pre_hooks, optimizer._optimizer_step_pre_hooks
+    for hook in (*hooks[0].values(), *hooks[1].values()) if hooked else ():
+        result = hook(optimizer, args, kwargs)
+        if result is not None:
+            args, kwargs = result
+    if grad_mode is None:
+        out = step(optimizer, *args, **kwargs)
+    else:
+        with torch.set_grad_enabled(grad_mode):
+            out = step(optimizer, *args, **kwargs)
+    post = optimizer._optimizer_step_post_hooks, torch_optimizer._global_optimizer_post_hooks
+    for hook in (*post[0].values(), *post[1].values()) if hooked else ():
+        hook(optimizer, args, kwargs)
+    return out
 
 
 class NonFiniteGradError(FloatingPointError):
@@ -106,11 +177,26 @@ class ClippedOptimizer(torch.optim.Optimizer):
         self.steps = 0
         """Number of ``step()`` calls so far (skipped ones included)."""
         self._guard = StepGuard()
+        self._token = torch.zeros(())  # see _record_step
         self._pre_clip_hooks: OrderedDict[int, Callable[[ClippedOptimizer], None]] = OrderedDict()
+
+    @property
+    def log(self) -> ClipLog:
+        """The :class:`~secateurs.clip.log.ClipLog` every step is recorded in."""
+        return self._log
+
+    @log.setter
+    def log(self, log: ClipLog) -> None:
+        check(isinstance(log, ClipLog), "log", log, "a ClipLog")
+        self._log = log
+        _TRACED_LOGS[id(log)] = log  # where a compiled step's records go (see _record_step)
 
     # -- the optimizer's own data -------------------------------------------------------------
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        # only a Python value the last step changed in a group waits for its flag here: LR
+        # schedulers read the groups after every step, and the state's other changes can wait
+        self._guard.settle(self.optimizer, groups_only=True)
         return self.optimizer.param_groups
 
     @param_groups.setter
@@ -119,6 +205,9 @@ class ClippedOptimizer(torch.optim.Optimizer):
 
     @property
     def state(self) -> Any:  # type: ignore[override]
+        # a skipped step's structural changes are undone once its flag is on the host (see
+        # StepGuard.settle): whoever reads the state through the wrapper sees them undone
+        self._guard.settle(self.optimizer)
         return self.optimizer.state
 
     @state.setter
@@ -142,6 +231,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # hooks are often closures (unpicklable) and point at objects outside this optimizer;
         # torch.optim.Optimizer drops its hooks the same way
+        self._guard.settle(self.optimizer)
         state = self.__dict__.copy()
         state.pop("_pre_clip_hooks", None)
         return state
@@ -149,6 +239,8 @@ class ClippedOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("_pre_clip_hooks", OrderedDict())
+        self.__dict__.setdefault("_token", torch.zeros(()))
+        _TRACED_LOGS[id(self._log)] = self._log
 
     def __repr__(self) -> str:
         return f"ClippedOptimizer({self.optimizer!r}, rule={self.rule!r}, nonfinite={self.nonfinite!r})"
@@ -214,6 +306,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict plus ``"clip"``: rule state, log and step count."""
+        self._guard.settle(self.optimizer)
         sd = self.optimizer.state_dict()
         sd["clip"] = {
             "rule": self.rule.state_dict() if self.rule is not None else {},
@@ -226,6 +319,7 @@ class ClippedOptimizer(torch.optim.Optimizer):
         """Load a state dict from :meth:`state_dict` (or a plain optimizer state dict)."""
         sd = dict(state_dict)
         clip = sd.pop("clip", None)
+        self._guard.discard()  # the loaded state replaces whatever the last step left
         self.optimizer.load_state_dict(sd)
         if clip is not None:
             if self.rule is not None:
@@ -252,8 +346,30 @@ class ClippedOptimizer(torch.optim.Optimizer):
             "nonfinite='error' stops training here, nonfinite='skip' would skip the step"
         )
 
+    def _record(self, stats: ClipStats, skipped: Tensor) -> None:
+        if not torch.compiler.is_compiling():
+            self.log.record(stats, skipped=skipped)
+            return
+        device = stats.norm_before.device
+        row = torch.stack(
+            [stats.norm_before.float(), stats.norm_after.float().to(device),
+             stats.threshold.float().to(device), stats.clipped.float().to(device),
+             skipped.float().to(device)]
+        )  # fmt: skip
+        _record_step(self._token, row, id(self.log))
+
+    def _check_finite(self, stats: ClipStats, ok: Tensor) -> None:
+        """``nonfinite="error"``: raise before the optimizer moves (one host read per step)."""
+        if torch.compiler.is_compiling():
+            # a traced graph cannot branch on a value: assert in the graph instead, which raises
+            # a RuntimeError with this message when the step runs (before any write-back)
+            torch._assert_async(ok, NONFINITE_MESSAGE)
+        elif not bool(ok):
+            raise self._error(stats)
+
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Clip the gradients with the rule, then step the inner optimizer (see :func:`wrap`)."""
+        self._guard.settle(self.optimizer)
         self.steps += 1
         if closure is not None:
             return self._step_with_closure(closure)
@@ -261,17 +377,17 @@ class ClippedOptimizer(torch.optim.Optimizer):
         params = self._params()
         stats = self._clip(params)
         ok = torch.isfinite(stats.norm_before)
-        if self.nonfinite == "error" and not bool(ok):
-            raise self._error(stats)
+        if self.nonfinite == "error":
+            self._check_finite(stats, ok)
         if self.nonfinite != "skip":
-            loss = self.optimizer.step()
-            self.log.record(stats, skipped=torch.zeros_like(ok))
+            loss = _inner_step(self.optimizer)
+            self._record(stats, torch.zeros_like(ok))
             return loss
         stepped = [p for p in params if p.grad is not None]
         capture = self._guard.capture(self.optimizer, stepped)
-        loss = self.optimizer.step()
+        loss = _inner_step(self.optimizer)
         self._guard.restore(self.optimizer, capture, ok)
-        self.log.record(stats, skipped=~ok)
+        self._record(stats, ~ok)
         return loss
 
     def _step_with_closure(self, closure: Callable[[], Any]) -> Any:

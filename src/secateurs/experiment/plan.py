@@ -7,7 +7,7 @@ of zero epochs are left out. Epochs are counted over all phases, from 0.
 >>> from secateurs.experiment.config import load_config
 >>> plan = EpochPlan.from_config(load_config(overrides=["train.epochs=2", "prune.epochs=1", "prune.finetune_epochs=2"]))
 >>> [p.name for p in plan.phases], plan.total, plan.phase_at(3)
-(['dense', 'prune', 'finetune'], 5, (Phase(name='finetune', epochs=2), 1))
+(['dense', 'prune', 'finetune'], 5, (Phase(name='finetune', epochs=2), 0))
 """
 
 from __future__ import annotations

@@ -233,7 +233,7 @@ def test_every_supported_layer_type_prunes_and_stays_pruned(kind):
     shape = model.inputs[0].shape[1:]
     rng = np.random.default_rng(0)
     x = rng.normal(size=(16, *shape)).astype("float32")
-    model.fit(x, rng.integers(0, 3, 16), batch_size=8, epochs=2, verbose=0)
+    model.fit(x, rng.integers(0, 3, 16), batch_size=8, epochs=1, verbose=0)
     for t in targets:
         w = numpy(t.variable)
         assert abs((w == 0).mean() - 0.5) < 0.05, t.name

@@ -15,10 +15,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import typer
-from typer.core import TyperCommand
 
-from secateurs.errors import SecateursError
+def _exit_interrupted(signum: int, frame: object) -> None:
+    """Ctrl-C outside a training loop (start-up, imports, loading, writing the report): one line
+    and exit code 130 at once. Every file is written atomically, so nothing is left half done;
+    the training loops install their own handler, which stops after a whole step."""
+    os.write(2, b"secateurs: interrupted\n")
+    os._exit(130)
+
+
+# The console script imports this module before it calls main(): a Ctrl-C during the imports
+# below is already one line there (``python -m secateurs`` installs it in __main__).
+if Path(sys.argv[0]).name in ("secateurs", "secateurs.exe"):
+    signal.signal(signal.SIGINT, _exit_interrupted)
+
+import typer  # noqa: E402
+from typer.core import TyperCommand  # noqa: E402
+
+from secateurs.errors import SecateursError  # noqa: E402
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -278,14 +292,6 @@ def sensitivity(
     typer.echo(f"wrote {out}/sensitivity.md, sensitivity.png, per_layer.toml; train with: secateurs run {out}/per_layer.toml")
 
 
-def _exit_interrupted(signum: int, frame: object) -> None:
-    """Ctrl-C outside a training loop (start-up, imports, loading, writing the report): one line
-    and exit code 130 at once. Every file is written atomically, so nothing is left half done;
-    the training loops install their own handler, which stops after a whole step."""
-    os.write(2, b"secateurs: interrupted\n")
-    os._exit(130)
-
-
 def _import_path_like_python_m() -> None:
     """Put the current folder first on the import path, as ``python -m secateurs`` does, so a
     ``model.name = "mymodel:Net"`` next to the user is found by the ``secateurs`` script too."""
@@ -313,16 +319,40 @@ def prune_command(
     batch_size: Annotated[int, typer.Option("--batch-size", help="examples per forward")] = 8,
     out: Annotated[Path | None, typer.Option("--out", help="output folder, written all at once (default runs/prune-<timestamp>)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+    kind: Annotated[str, typer.Option("--kind", help="oneshot (weights masked) or structured (whole heads and MLP neurons removed)")] = "oneshot",
+    criterion: Annotated[str, typer.Option("--criterion", help="structured: magnitude, taylor, activation or fluctuation")] = "fluctuation",
+    reconstruct: Annotated[str | None, typer.Option("--reconstruct", help="structured: bias (FLAP) or lstsq, the next layer absorbs what was removed")] = None,
+    heads: Annotated[float | None, typer.Option("--heads", help="structured: fraction of heads removed (overrides --sparsity; 0 keeps them)")] = None,
+    neurons: Annotated[float | None, typer.Option("--neurons", help="structured: fraction of MLP neurons removed (overrides --sparsity)")] = None,
+    recover_steps: Annotated[int, typer.Option("--recover-steps", help="structured: distillation steps from the dense model on the calibration data")] = 0,
+    recover_lr: Annotated[float, typer.Option("--recover-lr", help="structured: AdamW learning rate of the recovery step")] = 1e-4,
+    clip_rule: Annotated[str, typer.Option("--clip", help="structured: clipping rule of the recovery step (a secateurs.clip name, or none)")] = "global_norm",
+    max_norm: Annotated[float, typer.Option("--max-norm", help="structured: max_norm of the --clip rule, where it takes one")] = 1.0,
 ) -> None:
-    """Prune a model you already have, once, from calibration data (Wanda, SparseGPT, OWL).
+    """Prune a model you already have, once, from calibration data (Wanda, SparseGPT, OWL), or
+    structurally (--kind structured: whole heads / KV groups and MLP neurons of a Hugging Face
+    Transformer, config rewritten so stock from_pretrained loads it; optional recovery step).
 
     Writes OUT/ with the pruned model in the format it came in, report.json / report.md
     (per-layer sparsity, reconstruction error and dampening; quality before and after on
     --eval), timings.json and layers.png.
     """
+    out = out or _default_out("prune-")
+    if kind == "structured":
+        from secateurs.pretrained.structured import prune_structured_pretrained
+
+        done = prune_structured_pretrained(
+            model, calibration=calibration, evaluation=evaluation, sparsity=sparsity, heads=heads, neurons=neurons,
+            criterion=criterion, reconstruct=reconstruct, recover_steps=recover_steps, recover_lr=recover_lr,
+            clip_rule=clip_rule, max_norm=max_norm, seq_len=seq_len, samples=samples, batch_size=batch_size, out=out,
+        )
+        agree = "".join(f", {k} {v:.4f}" for k, v in done["quality"].get("agreement", {}).items())
+        typer.echo(f"structured: {done['record']['sparsity']:.4f} of the heads and neurons removed{agree}; wrote {out}/")
+        return
+    if kind != "oneshot":
+        raise SecateursError(f"--kind: got {kind!r}; allowed: oneshot, structured", field="--kind")
     from secateurs.pretrained.command import prune_pretrained
 
-    out = out or _default_out("prune-")
     done = prune_pretrained(
         model, calibration=calibration, evaluation=evaluation, method=method, sparsity=sparsity, pattern=pattern,
         group=group, owl=owl, damping=damping, factory=factory, exclude=exclude or [], seq_len=seq_len,

@@ -181,10 +181,11 @@ def test_two_identical_runs_write_identical_bytes_readable_under_the_umask(tmp_p
 # --- 5. start-up and Ctrl-C --------------------------------------------------------------------
 
 
-def test_a_bad_key_is_reported_before_torch_is_imported() -> None:
+@pytest.mark.parametrize("command", ["run", "sweep", "sensitivity"])
+def test_a_bad_key_is_reported_before_torch_is_imported(command: str) -> None:
     probe = (
         "import sys\n"
-        "sys.argv = ['secateurs', 'run', '--set', 'nosuch.key=1']\n"
+        f"sys.argv = ['secateurs', '{command}', '--set', 'nosuch.key=1']\n"
         "from secateurs.cli import main\n"
         "try:\n    main()\nexcept SystemExit as exit:\n    print(exit.code, 'torch' in sys.modules)\n"
     )

@@ -224,11 +224,12 @@ def sweep(
     baseline) and tradeoff.png (accuracy vs compression). Run the same command again to resume:
     finished runs are kept.
     """
-    from secateurs.experiment import run as runner
-    from secateurs.experiment import sweep as sweeper
     from secateurs.experiment.config import load_config
 
-    cfg = load_config(config, set_ or ())
+    cfg = load_config(config, set_ or ())  # a bad key is reported before torch is imported
+    from secateurs.experiment import run as runner
+    from secateurs.experiment import sweep as sweeper
+
     out = out or _default_out("sweep-")
     on_cell = None
     if tensorboard:
@@ -267,11 +268,12 @@ def sensitivity(
     sensitivity.goal=highest, the highest sparsity within sensitivity.budget) on the validation
     split. Writes per_layer.toml, a run config that `secateurs run` takes as it is.
     """
-    from secateurs.experiment import run as runner
-    from secateurs.experiment import sensitivity as analysis
     from secateurs.experiment.config import load_config
 
-    cfg = load_config(config, set_ or ())
+    cfg = load_config(config, set_ or ())  # a bad key is reported before torch is imported
+    from secateurs.experiment import run as runner
+    from secateurs.experiment import sensitivity as analysis
+
     out = out or _default_out("sensitivity-")
     try:
         result = analysis.analyse(cfg, out, progress=not quiet)

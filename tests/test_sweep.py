@@ -175,6 +175,15 @@ def tiny_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
+def test_a_cell_started_from_the_shared_dense_run_counts_its_wall_time(tiny_sweep: Path) -> None:
+    (dense,) = (tiny_sweep / "dense").iterdir()
+    dense_seconds = json.loads((dense / "timing.json").read_text())["wall_seconds"]
+    assert dense_seconds > 0
+    for cell in (tiny_sweep / "cells").iterdir():
+        assert json.loads((cell / "report.json").read_text())["wall_seconds"] > dense_seconds, cell.name
+
+
+@pytest.mark.slow
 def test_sweep_writes_csv_markdown_and_plot(tiny_sweep: Path) -> None:
     rows = _rows(tiny_sweep / "sweep.csv")
     assert [r["cell"] for r in rows] == ["magnitude-s0.8-seed0", "random-s0.8-seed0"]

@@ -40,6 +40,7 @@ from typing import Any
 from secateurs import clip, prune
 from secateurs.errors import SecateursError
 from secateurs.experiment import run as runner
+from secateurs.experiment.checkpoint import TIMING
 from secateurs.experiment.config import RunConfig, to_toml, validate
 from secateurs.serialization import atomic_write_bytes, atomic_write_text, load_state, save_state
 
@@ -213,6 +214,8 @@ def run_cell(cfg: RunConfig, folder: Path, *, dense: Path | None = None, progres
     tree["pruner"] = run.pruner.state_dict() if run.pruner is not None else None
     tree["schedule"] = run.schedule.state_dict() if run.schedule is not None else None
     save_state(folder / runner.CHECKPOINT, tree)
+    if (dense / TIMING).is_file():  # the dense phase's wall time counts in the cell's, as it did in the dense run's
+        atomic_write_text(folder / TIMING, (dense / TIMING).read_text())
     run.restore()
     return _execute(run)
 

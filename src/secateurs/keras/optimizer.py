@@ -233,12 +233,15 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
             new_tv = [t * ops.cast(masks[i], t.dtype) if i in masks else t for i, t in enumerate(new_tv)]
             return list(new_tv), list(new_inner)
 
-        if self.nonfinite == "apply":
-            new_tv, new_inner = step()
-        else:
+        new_tv, new_inner = step()
+        if self.nonfinite != "apply":
             if self.nonfinite == "error":
                 _raise_unless(ok)
-            new_tv, new_inner = ops.cond(ok, step, lambda: (list(trainable_variables), inner_values))
+            # a select, not a lax.cond: XLA fuses it into the update (a cond keeps the update
+            # out of the surrounding fusion, which cost 1.4x on a small CNN's CPU step), and
+            # where() returns the old values bit for bit, NaN in the new ones or not
+            new_tv = [ops.where(ok, n, o) for n, o in zip(new_tv, trainable_variables, strict=True)]
+            new_inner = [ops.where(ok, n, o) for n, o in zip(new_inner, inner_values, strict=True)]
         return list(new_tv), new_own + list(new_inner)
 
     # -- what the inner optimizer owns ------------------------------------------------------

@@ -164,12 +164,12 @@ def test_make_schedule_for_follows_the_config() -> None:
     assert isinstance(it, Iterative) and (it.rounds, it.finetune_epochs, it.spacing) == (3, 2, "geometric")
     assert isinstance(make_schedule_for(tiny("prune.schedule=oneshot").prune, pruner), OneShot)
     rounds = StructuredRounds(nn.Linear(2, 2), torch.zeros(1, 2), sparsity=0.5)
-    structured = make_schedule_for(tiny("prune.kind=structured", "prune.epochs=3", "prune.rounds=5").prune, rounds)
+    structured = make_schedule_for(tiny("prune.kind=structured", "prune.epochs=5", "prune.rounds=5").prune, rounds)
     assert isinstance(structured, Iterative) and (structured.rounds, structured.finetune_epochs, structured.spacing) == (5, 1, "linear")
 
 
 def test_config_values_the_library_refuses_are_named_by_their_config_keys() -> None:
-    prune_cfg = tiny("prune.schedule=iterative").prune
+    prune_cfg = tiny("prune.schedule=iterative", "prune.rounds=2").prune
     model = build_model("mlp", input_shape=(1, 8, 8), num_classes=10)
     with pytest.raises(SecateursError, match=r"^prune\.rounds: got 0"):
         make_schedule_for(prune_cfg.model_copy(update={"rounds": 0}), make_pruner(prune_cfg, model))

@@ -106,3 +106,20 @@ def test_a_plain_safetensors_file_is_refused(tmp_path: Path) -> None:
     save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(SecateursError, match="without structured-pruning metadata"):
         load_structured(tmp_path / "plain.safetensors", fresh("mlp"))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_structured_file_takes_the_umask_and_identical_models_write_identical_bytes(tmp_path: Path, umask: int) -> None:
+    import os
+
+    small = structured(fresh("mlp"), X, sparsity=0.5)
+    previous = os.umask(umask)
+    try:
+        save_structured(small, tmp_path / "a.safetensors")
+        save_structured(small, tmp_path / "b.safetensors")
+        (tmp_path / "plain").write_bytes(b"")
+    finally:
+        os.umask(previous)
+    mode = (tmp_path / "a.safetensors").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()

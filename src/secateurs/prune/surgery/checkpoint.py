@@ -32,6 +32,7 @@ from torch import nn
 
 from secateurs.errors import SecateursError
 from secateurs.prune.surgery.cut import RECORD_ATTR, pruning_record
+from secateurs.serialization import canonicalize_file_, file_mode
 
 __all__ = ["FORMAT", "load_structured", "save_structured"]
 
@@ -87,6 +88,8 @@ def save_structured(model: nn.Module, path: str | os.PathLike[str]) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={_META_KEY: json.dumps(meta)})
+        canonicalize_file_(tmp)  # one header order: identical models, identical bytes
+        os.chmod(tmp, file_mode())  # the process umask, as any new file (save_file leaves 0o600)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -8,13 +8,15 @@ Two selections, both writing bool keep-masks in place:
   smallest score, a third writes the masks, all in chunks of a quarter million scores. Nothing the
   size of the model is ever concatenated or sorted, so selecting over 25M weights costs a few
   tenths of a second and a few MB beyond the masks. Ties are broken like a stable sort of all
-  scores in model order: the earlier weight is pruned first.
+  scores in model order: the earlier weight is pruned first. The passes run on one intra-op
+  thread (see :func:`_one_thread`).
 - :func:`nm_keep` keeps the ``N`` highest scores in every block of ``M`` consecutive weights
   along the input dimension (dim 1), the layout sparse tensor cores accelerate for 2:4.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Iterator, Sequence
 
@@ -108,6 +110,27 @@ def _kth_key(keys_of: Callable[[], Iterator[torch.Tensor]], k: int, bits: int) -
     return prefix, k - below
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run the block on one intra-op thread (torch's setting is process-wide; restored after).
+
+    The passes are a few thousand small kernels (a quarter million scores each), every one a
+    parallel region on more than one thread. On a machine whose cores are busy (data-loader
+    workers, other jobs) each region waits for a thread that is not running: measured on 2
+    busy cores, 25M scores took 7.5 s on two threads and 0.24 s on one. On an idle machine one
+    thread is about as fast, since the passes are bound by memory, not arithmetic.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def prune_lowest_(
     masks: Sequence[torch.Tensor],
@@ -131,6 +154,13 @@ def prune_lowest_(
     >>> masks
     [tensor([ True, False,  True, False]), tensor([False,  True])]
     """
+    with _one_thread():
+        return _prune_lowest(masks, score_fn, k, keep_pruned=keep_pruned, signed=signed)
+
+
+def _prune_lowest(
+    masks: Sequence[torch.Tensor], score_fn: ScoreFn, k: int, *, keep_pruned: bool, signed: bool
+) -> int:
     flat = [m.view(-1) for m in masks]
     sizes = [m.numel() for m in flat]
     total = sum(sizes)

@@ -25,6 +25,7 @@ from secateurs.clip._tensors import (
     clip_coefficient,
     combine_norms,
     dense_grads,
+    has_dtensor,
     is_dense_cpu,
     local,
     per_tensor_norms,
@@ -143,7 +144,8 @@ def agc_(
     kept, grads = with_grad(as_list(params))
     if not grads:
         return torch.zeros(())
-    return agc_apply_(kept, grads, lam, e, UnitPlan(grads, kept, fused=fused)).grad_norm
+    plan = None if has_dtensor(grads) else UnitPlan(grads, kept, fused=fused)
+    return agc_apply_(kept, grads, lam, e, plan).grad_norm
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ from secateurs.clip._tensors import (
     combine_norms,
     constant,
     dense_grads_only,
+    has_dtensor,
     is_dense_cpu,
     per_tensor_norms,
     scale_,
@@ -249,6 +250,9 @@ class AGC(Rule):
 
     def clip(self, params: list[Tensor]) -> ClipStats:
         kept, grads = with_grad(params)
+        if has_dtensor(grads):  # FSDP2 shards: unit by unit in DTensor ops, no plan
+            r = agc_apply_(kept, grads, self.clipping, self.eps)
+            return ClipStats(r.grad_norm, r.clipped_norm, r.threshold, r.clipped)
         if self._plan is None or not self._plan.fits(kept, grads):
             self._plan = UnitPlan(grads, kept, fused=self.fused)
         r = agc_apply_(kept, grads, self.clipping, self.eps, self._plan)

@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from secateurs.clip._tensors import has_dtensor, shape_groups
-from secateurs.errors import SecateursError, check
+from secateurs.clip._tensors import has_dtensor, local, plain, shape_groups
+from secateurs.errors import check
 
 if TYPE_CHECKING:
     from secateurs.clip._agc_fused import FusedSegment
@@ -92,15 +92,6 @@ def _fused_module(required: bool) -> ModuleType | None:
     return _FUSED[0]
 
 
-def _check_plain(grads: list[Tensor]) -> None:
-    if has_dtensor(grads):
-        raise SecateursError(
-            "params: got DTensor gradients; allowed: ordinary tensors for AGC (unit-wise norms "
-            "need whole rows; use GlobalNorm, AutoClip or ZClip for sharded models)",
-            field="params",
-        )
-
-
 @dataclass
 class AGCResult:
     """What one AGC pass computed; every field is a tensor on the gradients' device."""
@@ -113,6 +104,36 @@ class AGCResult:
     """2-norm of the per-unit bounds ``max_u`` (the global analogue of the threshold)."""
     clipped: Tensor
     """True when at least one unit was scaled down."""
+
+
+def _agc_dtensor_(params: list[Tensor], grads: list[Tensor], clipping: float, eps: float) -> AGCResult:
+    """AGC on DTensors (FSDP2 shards), tensor by tensor in DTensor ops.
+
+    Every reduction is a DTensor reduction, so a unit's norm is whole whatever the placement:
+    with a weight sharded along dim 0 (``fully_shard``) its rows, the units, are local to their
+    shard and cost no communication; a sharded bias is one unit whose norm DTensor reduces over
+    the shards. Only the four statistics are gathered, one all-reduce each per tensor.
+    """
+    norm = torch.linalg.vector_norm
+    parts: list[list[Tensor]] = [[], [], [], []]  # squared norms before, after, of bounds; clipped
+    for w, g in zip(params, grads, strict=True):
+        dims = tuple(range(1, g.dim())) if g.dim() > 1 else None
+        gn = norm(g, dim=dims, keepdim=True) if dims else norm(g)
+        wn = norm(w.detach(), dim=dims, keepdim=True) if dims else norm(w.detach())
+        bound = torch.clamp(wn, min=eps) * clipping
+        factor = torch.where(gn < bound, torch.ones_like(gn), bound / torch.clamp(gn, min=1e-6))
+        g.mul_(factor)
+        for out, value in zip(parts, ((gn.float() ** 2).sum(), ((gn * factor).float() ** 2).sum(),
+                                      (bound.float() ** 2).sum(), (factor < 1.0).any()), strict=True):  # fmt: skip
+            out.append(plain(value).to(grads[0].device))
+    sq_before, sq_after, sq_bound, clipped = (torch.stack(p) for p in parts)
+    local_device = local(grads[:1])[0].device
+    return AGCResult(
+        grad_norm=sq_before.sum().sqrt().to(local_device),
+        clipped_norm=sq_after.sum().sqrt().to(local_device),
+        threshold=sq_bound.sum().sqrt().to(local_device),
+        clipped=clipped.any().to(local_device),
+    )
 
 
 def _units(t: Tensor) -> int:
@@ -394,9 +415,11 @@ def agc_apply_(
     scaling while those gradients are still in cache. Memory traffic is one read of the
     weights and one read and write of the gradients. ``plan`` is a :class:`UnitPlan` of
     ``grads``' layout to reuse; one is built if None. On CUDA with Triton installed each
-    device and dtype is one kernel instead (:mod:`~secateurs.clip._agc_fused`).
+    device and dtype is one kernel instead (:mod:`~secateurs.clip._agc_fused`). DTensor
+    gradients (FSDP2) take :func:`_agc_dtensor_` and need no plan.
     """
-    _check_plain(grads)
+    if has_dtensor(grads):
+        return _agc_dtensor_(params, grads, clipping, eps)
     if plan is None:
         plan = UnitPlan(grads)
     filled = []

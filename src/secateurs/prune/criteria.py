@@ -236,7 +236,8 @@ class _DataCriterion(Criterion):
         return self.targets[0].param.device
 
     def _add(self, index: int, value: torch.Tensor) -> None:
-        value = value.detach().to(torch.float32)
+        # an FSDP2 gradient is a DTensor shard: statistics are kept whole, like the masks
+        value = _whole(value.detach()).to(torch.float32)
         current = self.sums[index]
         if current is None:
             self.sums[index] = value.clone()
@@ -293,6 +294,28 @@ class _DataCriterion(Criterion):
         ]
 
 
+def _gradients(model: nn.Module, loss: torch.Tensor, params: list[torch.Tensor]) -> Sequence[torch.Tensor | None]:
+    """``d loss / d params``, leaving the model's ``.grad`` as it was.
+
+    Under FSDP2 (DTensor parameters) ``torch.autograd.grad`` would return each rank's own
+    gradient, shard by shard, and no rank holds the other shards of its gradient; so there
+    ``backward()`` runs instead, whose hooks reduce-scatter the gradient averaged over the
+    ranks (what the optimizer steps with), and ``.grad`` is put back afterwards.
+    """
+    if not any(hasattr(p, "full_tensor") for p in params):  # no DTensor: no FSDP2
+        return torch.autograd.grad(loss, params, allow_unused=True)
+    everything = list(model.parameters())
+    saved = [p.grad for p in everything]
+    for p in everything:
+        p.grad = None
+    try:
+        loss.backward()
+        return [p.grad for p in params]
+    finally:
+        for p, g in zip(everything, saved, strict=True):
+            p.grad = g
+
+
 class _GradientStatistic(_DataCriterion):
     """Data criteria computed from the loss gradient of each scored batch."""
 
@@ -311,7 +334,7 @@ class _GradientStatistic(_DataCriterion):
             loss = loss_fn(forward(self.model, to_device(inputs, device)), to_device(labels, device))
             if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
                 raise SecateursError(f"loss_fn: returned {type(loss).__name__} {getattr(loss, 'shape', '')}; allowed: a scalar tensor")
-            grads = torch.autograd.grad(loss, [params[i] for i in live], allow_unused=True)
+            grads = _gradients(self.model, loss, [params[i] for i in live])
             with torch.no_grad():
                 for i, grad in zip(live, grads, strict=True):
                     if grad is not None:
@@ -381,7 +404,7 @@ class ActivationCriterion(_DataCriterion):
         target = self.targets[index]
         stat = self.stats.stats[target.name]
         mean = (self._synced[index] / self._synced[n + index]).to(target.param.device)
-        weight = target.param.detach().abs().to(torch.float32)
+        weight = _whole(target.param.detach()).abs().to(torch.float32)
         return (weight.reshape(stat.weight_view) * mean).reshape(target.shape)
 
     def state_dict(self) -> dict[str, Any]:
@@ -415,7 +438,7 @@ class TaylorCriterion(_GradientStatistic):
 
     def _score(self, index: int) -> torch.Tensor:
         total, count = self._statistic(index)
-        weight = self.targets[index].param.detach().to(torch.float32)
+        weight = _whole(self.targets[index].param.detach()).to(torch.float32)
         return (weight * (total / count)).abs()
 
 
@@ -431,6 +454,7 @@ class MovementCriterion(_GradientStatistic):
     accumulates = True
 
     def _accumulate(self, index: int, weight: torch.Tensor, grad: torch.Tensor) -> None:
+        # on FSDP2 shards (DTensors) the product is taken shard by shard, then gathered
         self._add(index, -(weight.to(torch.float32) * grad.to(torch.float32)))
 
     @torch.no_grad()
@@ -534,6 +558,12 @@ class SynFlowCriterion(Criterion):
             )
         assert self.model is not None
         if self._copy is None:
+            if any(type(m).__name__.startswith("FSDP") for m in self.model.modules()):
+                raise SecateursError(
+                    "criterion: got 'synflow' for a model sharded by FSDP2 (fully_shard), which "
+                    "cannot be copied for its all-positive network; allowed: synflow on the model "
+                    "before fully_shard (then load the masks), or a criterion that needs no copy"
+                )
             self._copy = copy.deepcopy(self.model).double().eval()
             self._names = [t.name for t in self.targets]
             with torch.no_grad():

@@ -106,8 +106,7 @@ def quality(args: argparse.Namespace) -> None:
     ref = embed(dense, ev)
     print(f"MiniLM quality: mean embedding cosine to the dense model ({EVALUATION} held-out texts)")
     print("| removed | method | cosine | prune s |\n| --- | --- | --- | --- |")
-    configs = [("magnitude", None), ("activation", None), ("activation", "bias"), ("fluctuation", "bias"),
-               ("activation", "lstsq"), ("fluctuation", "lstsq")]
+    configs = [(c.partition(":")[0], c.partition(":")[2] or None) for c in args.configs]
     for ratio in args.ratios:
         best = (-1.0, None, "")
         for crit, how in configs:
@@ -119,21 +118,28 @@ def quality(args: argparse.Namespace) -> None:
             print(f"| {ratio:.0%} | {label} | {c:.3f} | {took:.1f} |", flush=True)
             if c > best[0]:
                 best = (c, small, label)
-        t = time.perf_counter()
-        tp_model = torch_pruning_recipe(dense, cal[0], ratio)
-        took = time.perf_counter() - t
-        print(f"| {ratio:.0%} | Torch-Pruning MetaPruner recipe | {cosine(embed(tp_model, ev), ref):.3f} | {took:.1f} |", flush=True)
-        t = time.perf_counter()
-        generic = prune.structured(dense, cal[0], sparsity=ratio)
-        took = time.perf_counter() - t
-        print(f"| {ratio:.0%} | prune.structured (generic graph) | {cosine(embed(generic, ev), ref):.3f} | {took:.1f} |", flush=True)
+        if args.baselines:
+            baselines(dense, cal, ev, ref, ratio)
         _best, small, label = best
-        assert small is not None
+        if small is None or args.steps == 0:
+            continue
         t = time.perf_counter()
-        result = distill(small, dense, cal, steps=args.steps, lr=args.lr, rule=clip.GlobalNorm(1.0), loss="mse")
+        result = distill(small, dense, cal, steps=args.steps, lr=args.lr, rule=clip.GlobalNorm(1.0), loss=args.loss)
         took = time.perf_counter() - t
-        print(f"| {ratio:.0%} | {label} + distill {args.steps} steps (GlobalNorm 1.0; "
+        print(f"| {ratio:.0%} | {label} + distill {args.steps} steps ({args.loss}, lr {args.lr:g}, GlobalNorm 1.0; "
               f"{result.log.clipped_steps} clipped) | {cosine(embed(small, ev), ref):.3f} | {took:.1f} |", flush=True)
+
+
+def baselines(dense: nn.Module, cal: list, ev: list, ref: torch.Tensor, ratio: float) -> None:
+    """Torch-Pruning's recipe and the generic ``prune.structured`` at the same ratio."""
+    t = time.perf_counter()
+    tp_model = torch_pruning_recipe(dense, cal[0], ratio)
+    took = time.perf_counter() - t
+    print(f"| {ratio:.0%} | Torch-Pruning MetaPruner recipe | {cosine(embed(tp_model, ev), ref):.3f} | {took:.1f} |", flush=True)
+    t = time.perf_counter()
+    generic = prune.structured(dense, cal[0], sparsity=ratio)
+    took = time.perf_counter() - t
+    print(f"| {ratio:.0%} | prune.structured (generic graph) | {cosine(embed(generic, ev), ref):.3f} | {took:.1f} |", flush=True)
 
 
 def _llama(dense_only: bool = False) -> nn.Module:
@@ -242,8 +248,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("parts", nargs="*", default=["quality", "latency", "timing"])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=300, help="recovery steps on the best one-shot model (0: none)")
+    parser.add_argument("--configs", nargs="+", default=["magnitude", "activation", "activation:bias", "fluctuation:bias",
+                                                          "activation:lstsq", "fluctuation:lstsq"],
+                        help="criterion[:reconstruct] cells of the quality table")
+    parser.add_argument("--no-baselines", dest="baselines", action="store_false", help="skip Torch-Pruning and prune.structured")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--loss", default="mse", help="distillation loss: mse or cosine on the hidden states")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--profile", action="store_true", help="where prune.structured spends its time")
     args = parser.parse_args()

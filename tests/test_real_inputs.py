@@ -163,3 +163,23 @@ def test_an_error_that_asks_for_exclusions_names_layers_and_following_it_works()
     with torch.no_grad():
         assert [t.shape for t in small(**encoding)] == [t.shape for t in model(**encoding)]
     assert small.bert.encoder.layer[0].intermediate.dense.out_features == 768
+
+
+@needs_minilm
+def test_prune_dry_run_lists_the_36_chosen_targets_and_writes_nothing(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from secateurs.cli import app
+
+    assert MINILM is not None and MINILM.submodule_search_locations
+    folder = Path(MINILM.submodule_search_locations[0]) / "model"
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["prune", str(folder), "--target", "encoder.layer.*", "--exclude", "encoder.layer.0.*",
+                                      "--dry-run", "--out", str(out)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    model, _ = minilm()
+    expected = [t for t in prune.find_targets(model, targets=["encoder.layer.*"], exclude=["encoder.layer.0.*"])]
+    assert [line.split()[0] for line in lines[:-1]] == [t.name for t in expected]
+    assert len(expected) == 30 and lines[-1] == f"30 weights, {sum(t.numel for t in expected):,} parameters would be pruned"
+    assert not out.exists()

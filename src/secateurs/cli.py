@@ -330,6 +330,8 @@ def prune_command(
     recover_lr: Annotated[float, typer.Option("--recover-lr", help="structured: AdamW learning rate of the recovery step")] = 1e-4,
     clip_rule: Annotated[str, typer.Option("--clip", help="structured: clipping rule of the recovery step (a secateurs.clip name, or none)")] = "global_norm",
     max_norm: Annotated[float, typer.Option("--max-norm", help="structured: max_norm of the --clip rule, where it takes one")] = 1.0,
+    target: Annotated[list[str] | None, typer.Option("--target", help="module or parameter names (fnmatch) to prune, default every Linear/Conv weight; a pattern reaches only prunable layers' weights; repeatable")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list the weights that would be pruned (after --target and --exclude) and stop; writes nothing")] = False,
 ) -> None:
     """Prune a model you already have, once, from calibration data (Wanda, SparseGPT, OWL), or
     structurally (--kind structured: whole heads / KV groups and MLP neurons of a Hugging Face
@@ -339,6 +341,17 @@ def prune_command(
     (per-layer sparsity, reconstruction error and dampening; quality before and after on
     --eval), timings.json and layers.png.
     """
+    if dry_run:
+        if kind != "oneshot":
+            raise SecateursError(f"--dry-run: got it with --kind {kind}; allowed: --kind oneshot", field="--dry-run")
+        from secateurs.pretrained.command import list_targets
+
+        rows = list_targets(model, factory=factory, targets=target, exclude=exclude or [])
+        width = max(len(r["name"]) for r in rows)
+        for r in rows:
+            typer.echo(f"{r['name']:<{width}}  {r['layer']:<10}  {'x'.join(map(str, r['shape'])):>12}  {r['params']:>12,}")
+        typer.echo(f"{len(rows)} weights, {sum(r['params'] for r in rows):,} parameters would be pruned")
+        return
     out = out or _default_out("prune-")
     if kind == "structured":
         from secateurs.pretrained.structured import prune_structured_pretrained
@@ -358,7 +371,7 @@ def prune_command(
     done = prune_pretrained(
         model, calibration=calibration, evaluation=evaluation, method=method, sparsity=sparsity, pattern=pattern,
         group=group, owl=owl, damping=damping, factory=factory, exclude=exclude or [], seq_len=seq_len,
-        samples=samples, batch_size=batch_size, out=out, progress=not quiet,
+        samples=samples, batch_size=batch_size, out=out, progress=not quiet, targets=target,
     )
     result, quality = done["result"], done["quality"]
     agree = quality.get("agreement", {})

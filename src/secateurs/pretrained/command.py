@@ -10,7 +10,7 @@ from typing import Any
 
 from secateurs.errors import check, check_choice, check_fraction, check_int, config_keys
 
-__all__ = ["OPTION_NAMES", "prune_pretrained"]
+__all__ = ["OPTION_NAMES", "list_targets", "prune_pretrained"]
 
 OPTION_NAMES = {
     "model": "MODEL", "calibration": "--calibration", "method": "--method", "sparsity": "--sparsity",
@@ -20,10 +20,22 @@ OPTION_NAMES = {
 """Library argument -> the CLI option a user typed, for error messages."""
 
 
+def list_targets(model: str, *, factory: str | None, targets: list[str] | None, exclude: list[str]) -> list[dict[str, Any]]:
+    """The weights ``secateurs prune`` would prune in ``model`` (``--dry-run``), in model order."""
+    from secateurs import prune
+    from secateurs.pretrained.models import load_model, quiet_transformers
+
+    with quiet_transformers():
+        loaded = load_model(model, factory)
+    with config_keys("--", OPTION_NAMES):
+        chosen = prune.find_targets(loaded.model, targets or None, exclude)
+    return [{"name": t.name, "layer": type(t.module).__name__, "shape": list(t.shape), "params": t.numel} for t in chosen]
+
+
 def prune_pretrained(
     model: str, *, calibration: Path | None, evaluation: Path | None, method: str, sparsity: float | None,
     pattern: str | None, group: str, owl: bool, damping: float, factory: str | None, exclude: list[str],
-    seq_len: int, samples: int, batch_size: int, out: Path, progress: bool,
+    seq_len: int, samples: int, batch_size: int, out: Path, progress: bool, targets: list[str] | None = None,
 ) -> dict[str, Any]:
     """Prune ``model`` and write it with its report into ``out`` (which must not exist yet)."""
     from secateurs import prune
@@ -43,13 +55,13 @@ def prune_pretrained(
     check(not out.exists(), "--out", str(out), "a folder that does not exist yet (nothing is overwritten)")
     with quiet_transformers():
         return _prune(model, calibration, evaluation, method, sparsity, pattern, group, owl, damping, factory,
-                      exclude, seq_len, samples, batch_size, out, progress)
+                      targets, exclude, seq_len, samples, batch_size, out, progress)
 
 
 def _prune(
     model: str, calibration: Path | None, evaluation: Path | None, method: str, sparsity: float | None,
-    pattern: str | None, group: str, owl: bool, damping: float, factory: str | None, exclude: list[str],
-    seq_len: int, samples: int, batch_size: int, out: Path, progress: bool,
+    pattern: str | None, group: str, owl: bool, damping: float, factory: str | None, targets: list[str] | None,
+    exclude: list[str], seq_len: int, samples: int, batch_size: int, out: Path, progress: bool,
 ) -> dict[str, Any]:
     from secateurs import prune
     from secateurs.pretrained.data import read_batches
@@ -65,7 +77,7 @@ def _prune(
     with config_keys("--", OPTION_NAMES):
         result = prune.oneshot(
             loaded.model, batches, method=method, sparsity=sparsity, pattern=pattern, group=group, owl=owl,
-            damping=damping, exclude=exclude, progress=progress,
+            damping=damping, targets=targets or None, exclude=exclude, progress=progress,
         )
     quality: dict[str, Any] = {}
     if dense is not None and eval_batches is not None:
@@ -75,6 +87,7 @@ def _prune(
         "model": str(model), "format": loaded.kind, "method": method, "pattern": pattern, "group": group,
         "owl": owl, "damping": damping, "calibration": None if calibration is None else str(calibration),
         "eval": None if evaluation is None else str(evaluation), "samples": samples, "seq_len": seq_len,
+        "targets": list(targets or []), "exclude": list(exclude),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

@@ -19,8 +19,13 @@ eagerly instead of replayed as a CUDA graph, and AGC both tensor by tensor and a
 kernel (the default picks one by the tensors' shapes; see ``secateurs.clip._graphs`` and
 ``secateurs.clip._agc_fused``).
 
+``--compile [BACKEND]`` also times a whole wrapped step (``wrap(SGD, rule, nonfinite="skip")``:
+the rule, the skip guard and the update) compiled with ``torch.compile(step, fullgraph=True,
+backend=BACKEND)`` (default ``inductor``) against the same step run eagerly, for GlobalNorm,
+AutoClip, ZClip and AGC, without a target (compiling happens in the warm-up rounds).
+
     PYTHONPATH=src python bench/clip.py [--rounds 25] [--threads 2] [--clock wall|cpu]
-                                        [--device cpu|cuda] [--launches]
+                                        [--device cpu|cuda] [--launches] [--compile [BACKEND]]
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from collections.abc import Callable
 
 import torch
 
-from secateurs.clip import AGC, AutoClip, GlobalNorm, ZClip, by_global_norm_
+from secateurs.clip import AGC, AutoClip, GlobalNorm, Rule, ZClip, by_global_norm_, wrap
 
 
 def resnet_like_shapes() -> list[tuple[int, ...]]:
@@ -80,6 +85,14 @@ def torch_clip(max_norm: float) -> Callable[[list[torch.nn.Parameter]], object]:
 
 def ours_clip(max_norm: float) -> Callable[[list[torch.nn.Parameter]], object]:
     return lambda ps: by_global_norm_(ps, max_norm)
+
+
+def wrapped_step(gs: GradSet, rule: Rule, backend: str | None) -> Callable[[object], object]:
+    """One wrapped SGD step (lr 0, so the parameters stay put from round to round), compiled
+    with ``fullgraph=True`` by ``backend`` or eager (None)."""
+    opt = wrap(torch.optim.SGD(gs.params, lr=0.0), rule, nonfinite="skip")
+    step = opt.step if backend is None else torch.compile(opt.step, backend=backend, fullgraph=True)
+    return lambda _: step()
 
 
 def run(
@@ -147,6 +160,10 @@ def main() -> None:
     parser.add_argument(
         "--launches", action="store_true", help="cuda: also count each contender's launches"
     )
+    parser.add_argument(
+        "--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+        help="also time compiled (fullgraph) wrapped steps against eager ones",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
@@ -199,6 +216,18 @@ def main() -> None:
             "AGC": AGC(),
             **extra,
         }
+        steps: dict[str, tuple[str, str]] = {}
+        if args.compile:
+            # every wrapped optimizer compiles the same code object (ClippedOptimizer.step) under
+            # its own guards, two graphs each (first step, then steady state): 8 per gradient set
+            torch._dynamo.reset()
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+            for name, make in (("GlobalNorm", lambda c=clip_to: GlobalNorm(c)), ("AutoClip", AutoClip),
+                               ("ZClip", lambda: ZClip(warmup_steps=5)), ("AGC", AGC)):  # fmt: skip
+                eager_name, compiled_name = f"{name} step (eager)", f"{name} step (compiled)"
+                contenders[eager_name] = wrapped_step(gs, make(), None)
+                contenders[compiled_name] = wrapped_step(gs, make(), args.compile)
+                steps[name] = (compiled_name, eager_name)
         times = run(gs, contenders, args.rounds, clock)
         if args.launches and args.device == "cuda":
             for name, n in launches(gs, contenders).items():
@@ -224,6 +253,11 @@ def main() -> None:
             ratio = paired_ratio(times, a, "GlobalNorm")
             ta, tb = statistics.median(times[a]) * 1e3, statistics.median(times["GlobalNorm"]) * 1e3
             print(f"{label:<10} {a:<28} {'GlobalNorm':<28} {ta:9.2f} {tb:8.2f} {ratio:6.2f}  (no target)")
+        for compiled_name, eager_name in steps.values():
+            ratio = paired_ratio(times, compiled_name, eager_name)
+            ta, tb = statistics.median(times[compiled_name]) * 1e3, statistics.median(times[eager_name]) * 1e3
+            print(f"{label:<10} {compiled_name:<28} {eager_name:<28} {ta:9.2f} {tb:8.2f} {ratio:6.2f}  "
+                  f"(no target; {args.compile})")  # fmt: skip
     missed = results.count(False)
     print(
         f"{len(results) - missed}/{len(results)} targets met"

@@ -49,7 +49,11 @@ STEPS = 10  # past the recompile limit (8), should each step recompile
 
 def make_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    # one weight of 76800 elements: large enough for the CPU paths of large tensors
+    return torch.nn.Sequential(
+        torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 256), torch.nn.Tanh(),
+        torch.nn.Linear(256, 300), torch.nn.Tanh(), torch.nn.Linear(300, 2),
+    )
 
 
 def backward(model: torch.nn.Module, step: int) -> None:

@@ -242,6 +242,7 @@ def _dot_ok(t: Tensor, p: float) -> bool:
         and t.numel() >= DOT_NUMEL
         and t.dtype in (torch.float32, torch.float64)
         and t.is_contiguous()
+        and not torch.compiler.is_compiling()  # traced, the compiler picks the kernel itself
         and torch.get_num_threads() > 1
     )
 

@@ -436,10 +436,14 @@ def wrap(
 
     * ``"skip"`` (default): parameters and optimizer state are left exactly as they were and
       the step is logged as skipped. No host sync: the step runs and is undone with
-      ``torch.where`` (see :class:`~secateurs.clip.guard.StepGuard`, which also lists the rare
-      steps that read one flag, such as the one that first creates optimizer state).
+      ``torch.where`` (see :class:`~secateurs.clip.guard.StepGuard`). What a select cannot
+      undo, such as the optimizer state the first step creates, is undone from a non-blocking
+      host copy of the flag at the next step (or when ``state``/``state_dict()`` is read
+      through the wrapper), so no step waits for its own flag.
     * ``"error"``: raise :class:`NonFiniteGradError` naming the step number, before the
-      optimizer moves. Checking reads the norm on the host: one sync per step.
+      optimizer moves. Checking reads the norm on the host: one sync per step. In a step
+      compiled by ``torch.compile`` the check is an in-graph assertion, which raises a
+      ``RuntimeError`` with the same explanation instead.
     * ``"ignore"``: step anyway (NaN goes into the parameters), as plain PyTorch does.
 
     ``step(closure)`` is supported, LBFGS included: the closure is evaluated once here, the

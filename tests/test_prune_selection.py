@@ -169,3 +169,24 @@ def test_bad_pattern_names_the_field(pattern):
 def test_pattern_parses_with_spaces():
     assert parse_pattern(" 2 : 4 ") == (2, 4)
     assert parse_pattern((1, 8)) == (1, 8)
+
+
+def test_selection_runs_on_one_intra_op_thread_and_restores_the_setting() -> None:
+    # many small parallel kernels wait for busy cores (bench/prune.py --busy 2): one thread
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen: list[int] = []
+    scores = torch.rand(1000, generator=torch.Generator().manual_seed(0))
+
+    def score_fn(i: int, a: int, b: int) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return scores[a:b]
+
+    try:
+        masks = [torch.ones(1000, dtype=torch.bool)]
+        assert prune_lowest_(masks, score_fn, 300) == 300
+        assert set(seen) == {1}
+        assert torch.get_num_threads() == 2
+        assert torch.equal(masks[0], scores >= scores.sort().values[300])
+    finally:
+        torch.set_num_threads(before)

@@ -7,7 +7,7 @@ higher prune half way through. Each of the pruner's two protections is checked o
 * zeroed gradients and optimizer state: an element-wise optimizer (SGD, Adam, AdamW, RMSprop)
   must leave a pruned weight at zero by itself, which a step post-hook registered before the
   pruner's sees before the pruner re-zeroes anything;
-* re-zeroing after the step: an optimizer that mixes coordinates (``RowMixing``) moves pruned
+* re-zeroing after the step: an optimizer that mixes coordinates (``Mixing``) moves pruned
   weights whatever the state, so only the re-zeroing keeps them at zero.
 
 Then: a pruner attached to a clipping wrapper zeroes the pruned gradients before the rule
@@ -26,9 +26,11 @@ from secateurs.clip import GlobalNorm, wrap
 from secateurs.prune import Pruner, make_criterion
 
 
-class RowMixing(torch.optim.Optimizer):
-    """SGD whose update of each weight adds the mean gradient of its row: zero gradient and
-    state at a weight do not keep it still (like Shampoo or Muon, it mixes coordinates)."""
+class Mixing(torch.optim.Optimizer):
+    """SGD with a weight decay towards the mean of each tensor, ``g + 0.01 * mean(w)``: zero
+    gradient and state at a weight do not keep it still (like Shampoo or Muon, it mixes
+    coordinates). Through the weights, not the gradients: a heavily pruned random net can have
+    no gradient left at all."""
 
     def __init__(self, params, lr: float) -> None:
         super().__init__(params, {"lr": lr})
@@ -38,8 +40,7 @@ class RowMixing(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    g = p.grad if p.dim() < 2 else p.grad + p.grad.mean(dim=-1, keepdim=True)
-                    p.add_(g, alpha=-group["lr"])
+                    p.add_(p.grad + 0.01 * p.mean(), alpha=-group["lr"])
 
 
 ELEMENTWISE = {
@@ -48,7 +49,7 @@ ELEMENTWISE = {
     "adamw": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1),
     "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.5, centered=True, weight_decay=1e-3),
 }
-OPTIMIZERS = {**ELEMENTWISE, "row-mixing": lambda p: RowMixing(p, lr=0.05)}
+OPTIMIZERS = {**ELEMENTWISE, "mixing": lambda p: Mixing(p, lr=0.05)}
 
 
 class Sequence(nn.Module):

@@ -234,13 +234,11 @@ class StepGuard:
 
 def _host_flag(ok: Tensor) -> tuple[Tensor, Any]:
     """A host copy of ``ok`` started without waiting for it, and an event marking its arrival."""
-    if ok.device.type in ("cpu", "meta"):
+    if ok.device.type != "cuda":  # the CPU; other devices are read (a sync) when settled
         return ok, None
-    host = ok.to("cpu", non_blocking=True)
-    event = None
-    if ok.device.type == "cuda":
-        event = torch.cuda.Event()
-        event.record()
+    host = ok.to("cpu", non_blocking=True)  # into pinned memory: asynchronous
+    event = torch.cuda.Event()
+    event.record()
     return host, event
 
 

@@ -44,6 +44,9 @@ import torch
 
 from secateurs.clip import AGC, AdaGC, AutoClip, GlobalNorm, ZClip
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from reference_rules import AuthorsAdaGC
+
 HIDDEN = 32
 BATCH = 64
 LR = 0.15
@@ -77,40 +80,6 @@ class AddingRNN(torch.nn.Module):
 
 
 # -- references -----------------------------------------------------------------------------
-
-
-class AuthorsAdaGC:
-    """The AdaGC authors' ``AdaGC.clip_by_norm`` (github.com/lishuai-97/AdaGC, commit 32c249f,
-    ``megatron/optimizer/clip_grads.py``), on one process with the 2-norm."""
-
-    def __init__(self, clip_ratio: float, beta: float, start_clip_steps: int, max_norm: float) -> None:
-        self.clip_ratio, self.beta, self.start = clip_ratio, beta, start_clip_steps
-        self.max_norm, self.eps = max_norm, 1e-6
-        self.steps = 0
-        self.state: dict[int, torch.Tensor] = {}
-
-    @torch.no_grad()
-    def __call__(self, params: list[torch.nn.Parameter]) -> None:
-        self.steps += 1
-        grads = [(i, p.grad) for i, p in enumerate(params) if p.grad is not None]
-        total_norm = math.sqrt(sum(g.norm().item() ** 2 for _, g in grads))
-        if self.steps <= self.start:
-            coeff = self.max_norm / (total_norm + self.eps)
-            if coeff < 1.0:
-                for _, g in grads:
-                    g.mul_(coeff)
-            for i, g in grads:
-                n = g.norm()
-                if i not in self.state or n < self.state[i]:
-                    self.state[i] = n
-        else:
-            for i, g in grads:
-                n = g.norm()
-                avg = self.state.setdefault(i, n)
-                if n > self.clip_ratio * avg:
-                    g.mul_(self.clip_ratio * avg / (n + self.eps))
-                    n = self.clip_ratio * avg
-                self.state[i] = avg * self.beta + n * (1.0 - self.beta)
 
 
 def timm_adaptive_clip_grad() -> Callable[..., None] | None:

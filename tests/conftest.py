@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -24,3 +27,27 @@ def assert_same_tensors(a: Path, b: Path) -> None:
     assert sorted(ta) == sorted(tb)
     for name in ta:
         assert ta[name].dtype == tb[name].dtype and torch.equal(ta[name], tb[name]), name
+
+
+TIMING_KEYS = ("latency_ms", "wall_seconds")
+"""Report fields that differ between identical runs."""
+
+
+def without_timing(obj: object) -> object:
+    """``obj`` (a report) with every timing field left out, at any depth."""
+    if isinstance(obj, dict):
+        return {k: without_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [without_timing(v) for v in obj]
+    return obj
+
+
+def interrupt_once_written(proc: subprocess.Popen[str], path: Path, *, timeout: float = 300) -> tuple[int, str]:
+    """Send Ctrl-C (SIGINT) to ``proc`` as soon as ``path`` exists; its exit code and stderr."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=timeout)
+    return proc.returncode, stderr

@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import without_timing
 
 from secateurs.experiment.config import load_config, to_toml
 
 pytestmark = pytest.mark.slow
 
 TINY = ["data.limit=200", "train.epochs=1", "prune.epochs=1", "prune.finetune_epochs=0"]
-TIMING_KEYS = ("latency_ms", "wall_seconds")
 
 
 def _script() -> list[str]:
@@ -147,13 +147,6 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _without_timing(obj: object) -> object:
-    if isinstance(obj, dict):
-        return {k: _without_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
-    if isinstance(obj, list):
-        return [_without_timing(v) for v in obj]
-    return obj
-
 
 def test_two_identical_runs_write_identical_bytes_readable_under_the_umask(tmp_path: Path) -> None:
     old = os.umask(0o022)
@@ -171,7 +164,7 @@ def test_two_identical_runs_write_identical_bytes_readable_under_the_umask(tmp_p
     for name in ("model.safetensors", "checkpoint.safetensors", "dense.safetensors", "config.toml", "accuracy.png", "grad_norm.png"):
         assert _sha(a / name) == _sha(b / name), name
     ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
-    assert _without_timing(ra) == _without_timing(rb)
+    assert without_timing(ra) == without_timing(rb)
     timed = ("| CPU latency", "Wall time:")
     ma, mb = ([line for line in (d / "report.md").read_text().splitlines() if not line.startswith(timed)] for d in (a, b))
     assert ma == mb

@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import QUICK_RUN, assert_same_tensors
+from conftest import QUICK_RUN, assert_same_tensors, without_timing
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-TIMING_KEYS = ("latency_ms", "wall_seconds")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -29,13 +28,6 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def _popen(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "secateurs", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-
-def _without_timing(obj: object) -> object:
-    if isinstance(obj, dict):
-        return {k: _without_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
-    if isinstance(obj, list):
-        return [_without_timing(v) for v in obj]
-    return obj
 
 
 def _set_args(overrides: list[str]) -> list[str]:
@@ -91,7 +83,7 @@ def test_sigkill_after_a_fixed_checkpoint_then_resume_gives_identical_results(
     assert_same_tensors(killed / "model.safetensors", tmp_path / "whole" / "model.safetensors")
     a = json.loads((killed / "report.json").read_text())
     b = json.loads((tmp_path / "whole" / "report.json").read_text())
-    assert _without_timing(a) == _without_timing(b)
+    assert without_timing(a) == without_timing(b)
     assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in (tmp_path / "whole").iterdir())
 
 

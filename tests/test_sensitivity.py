@@ -140,25 +140,19 @@ def test_folder_with_a_dense_model_of_another_config_is_refused(analysed: Path) 
 
 @pytest.mark.slow
 def test_ctrl_c_during_the_dense_run_gives_a_resume_hint_that_works(tmp_path: Path) -> None:
-    import signal
     import subprocess
     import sys
-    import time
+
+    from conftest import interrupt_once_written
 
     script = str(Path(sys.executable).with_name("secateurs"))
     out = tmp_path / "sens"
     keys = [*DENSE, "train.epochs=12", "sensitivity.sparsities=[0.5, 0.9]"]
     proc = subprocess.Popen([script, "sensitivity", *[a for k in keys for a in ("--set", k)], "--quiet", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = out / "dense" / "checkpoint.safetensors"
-    deadline = time.monotonic() + 300
-    while not first.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=300)
+    returncode, stderr = interrupt_once_written(proc, out / "dense" / "checkpoint.safetensors")
     lines = stderr.strip().splitlines()
-    assert proc.returncode == 130 and len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert returncode == 130 and len(lines) == 1 and "Traceback" not in stderr, stderr
     hint = lines[0].split("resume with: ")[1].split()
     assert hint == ["secateurs", "sensitivity", str(out / "config.toml"), "--out", str(out)]
     again = subprocess.run([script, *hint[1:], "--quiet"], capture_output=True, text=True, timeout=900)

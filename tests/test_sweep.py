@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import assert_same_tensors
+from conftest import assert_same_tensors, interrupt_once_written
 from typer.testing import CliRunner
 
 from secateurs.cli import app
@@ -265,17 +265,11 @@ def test_ctrl_c_stops_a_sweep_with_a_resume_hint_that_works(tiny_sweep: Path, tm
     script = str(Path(sys.executable).with_name("secateurs"))
     out = tmp_path / "interrupted"
     proc = subprocess.Popen([script, "sweep", *[a for o in TINY for a in ("--set", o)], "--quiet", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = out / "cells" / "magnitude-s0.8-seed0" / "checkpoint.safetensors"
-    deadline = time.monotonic() + 300
-    while not first.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=300)
-    if proc.returncode == 0:
+    returncode, stderr = interrupt_once_written(proc, out / "cells" / "magnitude-s0.8-seed0" / "checkpoint.safetensors")
+    if returncode == 0:
         pytest.skip("the sweep finished before the signal arrived")
     lines = stderr.strip().splitlines()
-    assert proc.returncode == 130 and len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert returncode == 130 and len(lines) == 1 and "Traceback" not in stderr, stderr
     hint = lines[0].split("resume with: ")[1].split()
     assert hint == ["secateurs", "sweep", str(out / "sweep.toml"), "--out", str(out)]
     again = subprocess.run([script, *hint[1:], "--quiet"], capture_output=True, text=True, timeout=600)

@@ -239,7 +239,7 @@ def structured(
             graph.prune(removal)
             problem = _verify(work, example_inputs, expected, graph)
             if problem is not None:
-                layers = _culprits(model, example_inputs, excluded, expected, removal)
+                layers = _culprits(model, example_inputs, excluded, expected, removal, graph.groups)
                 groups = ", ".join(repr(k) for k in dict.fromkeys(layers.values()))
                 raise SecateursError(f"{problem}; keeping the channels of {groups} intact fixes it: pass exclude={list(layers)!r}")
             for cg in graph.groups:
@@ -352,10 +352,11 @@ def _breaks(model: nn.Module, example_inputs: Inputs, excluded: set[str], expect
 
 
 def _culprits(model: nn.Module, example_inputs: Inputs, excluded: set[str], expected: list[tuple[int, ...]],
-              removal: dict[str, torch.Tensor]) -> dict[str, str]:
+              removal: dict[str, torch.Tensor], groups: Sequence[ChannelGroup]) -> dict[str, str]:
     """The smallest set of layers whose exclusion keeps the pruned model working: the groups whose
     removal breaks it, found by bisection over ``removal`` on copies of ``model``, each named by the
-    shortest layer that belongs to that group alone (``{layer: group key}``)."""
+    shortest layer that belongs to that group alone among ``groups`` (the graph's groups, whose
+    names do not change when they are cut) (``{layer: group key}``)."""
 
     def find(keys: list[str]) -> list[str]:
         if not _breaks(model, example_inputs, excluded, expected, {k: removal[k] for k in keys}):
@@ -366,7 +367,6 @@ def _culprits(model: nn.Module, example_inputs: Inputs, excluded: set[str], expe
         return find(keys[:half]) + find(keys[half:])
 
     culprits = find([k for k, v in removal.items() if len(v)]) or list(removal)
-    groups = Graph(copy.deepcopy(model), example_inputs, excluded).groups
     elsewhere = {layer for cg in groups if cg.key not in culprits for layer in cg.layers}
     named: dict[str, str] = {}
     for cg in groups:

@@ -27,6 +27,7 @@ import cProfile
 import importlib.util
 import io
 import pstats
+import random
 import statistics
 import sys
 import time
@@ -49,7 +50,7 @@ from secateurs.recovery import distill  # noqa: E402
 warnings.filterwarnings("ignore")
 transformers.logging.set_verbosity_error()
 torch.set_num_threads(2)
-CALIBRATION, EVALUATION, BATCH = 128, 500, 16
+CALIBRATION, EVALUATION, BATCH, VALIDATION = 128, 500, 16, 128
 
 
 def minilm() -> tuple[nn.Module, object]:
@@ -63,6 +64,33 @@ def minilm() -> tuple[nn.Module, object]:
 def encode(tok: object, items: list[str]) -> list[dict[str, torch.Tensor]]:
     return [dict(tok(items[i:i + BATCH], padding=True, truncation=True, max_length=128, return_tensors="pt"))  # type: ignore[operator]
             for i in range(0, len(items), BATCH)]
+
+
+def recovery_data(tok: object, corpus: list[str], seed: int = 0) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """Distillation batches and held-out batches for early stopping, built from the corpus
+    without the evaluation texts: the calibration texts and every text after the evaluation
+    ones, shuffled; ``VALIDATION`` of them held out. The training batches are the texts
+    themselves, longer windows (three texts joined, up to 128 tokens), and a token-level
+    augmentation of both (15% of the tokens replaced by tokens drawn from the training text's own
+    token frequencies; the teacher labels whatever the student sees, so any input is a target)."""
+    pool = corpus[:CALIBRATION] + corpus[CALIBRATION + EVALUATION:]
+    rng = random.Random(seed)
+    rng.shuffle(pool)
+    held, train = pool[:VALIDATION], pool[VALIDATION:]
+    windows = [" ".join(train[i:i + 3]) for i in range(0, len(train), 3)]
+    plain = encode(tok, train) + encode(tok, windows)
+    special = set(tok.all_special_ids)  # type: ignore[attr-defined]
+    ids = torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in plain])
+    ids = ids[~torch.isin(ids, torch.tensor(sorted(special)))]
+    g = torch.Generator().manual_seed(seed)
+    augmented = []
+    for b in plain:
+        x = dict(b)
+        live = b["attention_mask"].bool() & ~torch.isin(b["input_ids"], torch.tensor(sorted(special)))
+        swap = live & (torch.rand(live.shape, generator=g) < 0.15)
+        x["input_ids"] = torch.where(swap, ids[torch.randint(len(ids), live.shape, generator=g)], b["input_ids"])
+        augmented.append(x)
+    return plain + augmented, encode(tok, held)
 
 
 @torch.no_grad()
@@ -104,6 +132,7 @@ def quality(args: argparse.Namespace) -> None:
     corpus = texts()
     cal, ev = encode(tok, corpus[:CALIBRATION]), encode(tok, corpus[CALIBRATION:CALIBRATION + EVALUATION])
     ref = embed(dense, ev)
+    train, held = recovery_data(tok, corpus) if args.steps else ([], [])
     print(f"MiniLM quality: mean embedding cosine to the dense model ({EVALUATION} held-out texts)")
     print("| removed | method | cosine | prune s |\n| --- | --- | --- | --- |")
     configs = [(c.partition(":")[0], c.partition(":")[2] or None) for c in args.configs]
@@ -124,10 +153,17 @@ def quality(args: argparse.Namespace) -> None:
         if small is None or args.steps == 0:
             continue
         t = time.perf_counter()
-        result = distill(small, dense, cal, steps=args.steps, lr=args.lr, rule=clip.GlobalNorm(1.0), loss=args.loss)
+        result = distill(small, dense, train, steps=args.steps, lr=args.lr, rule=clip.GlobalNorm(1.0), loss=args.loss,
+                         layers="blocks" if args.layer_weight else None, layer_weight=args.layer_weight,
+                         schedule="cosine", warmup=args.steps // 20, weight_decay=args.weight_decay,
+                         validation=held, eval_every=args.eval_every, patience=args.patience)
         took = time.perf_counter() - t
-        print(f"| {ratio:.0%} | {label} + distill {args.steps} steps ({args.loss}, lr {args.lr:g}, GlobalNorm 1.0; "
-              f"{result.log.clipped_steps} clipped) | {cosine(embed(small, ev), ref):.3f} | {took:.1f} |", flush=True)
+        print(f"| {ratio:.0%} | {label} + distill ({len(result.losses)} of {args.steps} steps, kept step "
+              f"{result.best_step}; {args.loss} + {args.layer_weight:g} x every block, lr {args.lr:g} cosine, "
+              f"wd {args.weight_decay:g}, GlobalNorm 1.0, {result.log.clipped_steps} clipped; {len(train)} batches) | "
+              f"{cosine(embed(small, ev), ref):.3f} | {took:.1f} |", flush=True)
+        if args.verbose:
+            print("validation:", " ".join(f"{s}:{v:.4g}" for s, v in result.validation), flush=True)
 
 
 def baselines(dense: nn.Module, cal: list, ev: list, ref: torch.Tensor, ratio: float) -> None:
@@ -255,6 +291,11 @@ def main() -> None:
     parser.add_argument("--no-baselines", dest="baselines", action="store_false", help="skip Torch-Pruning and prune.structured")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--loss", default="mse", help="distillation loss: mse or cosine on the hidden states")
+    parser.add_argument("--layer-weight", type=float, default=1.0, help="weight of the every-block hidden-state loss (0: off)")
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--patience", type=int, default=4)
+    parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--profile", action="store_true", help="where prune.structured spends its time")
     args = parser.parse_args()

@@ -117,3 +117,62 @@ def test_bad_arguments_are_errors_naming_the_argument(options: dict, message: st
 def test_docstring_examples_run(name: str) -> None:
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ------------------------------------------- every block's output, schedule, early stopping
+
+
+def test_the_block_loss_adds_the_relative_error_of_every_block_output_as_hf_hidden_states_give_it() -> None:
+    dense, data = bert(), batches(1)
+    small = prune.structured_transformer(dense, sparsity=0.5)
+    x = data[0]
+    valid = x["attention_mask"].bool()
+    with torch.no_grad():
+        s = small(**x, output_hidden_states=True)
+        t = dense(**x, output_hidden_states=True)
+    final = (s.last_hidden_state - t.last_hidden_state).square().mean(-1)[valid].mean()
+    blocks = [((a - b).square().sum(-1)[valid].sum() / b.square().sum(-1)[valid].sum())
+              for a, b in zip(s.hidden_states[1:], t.hidden_states[1:], strict=True)]  # [0] is the embeddings
+    want = final + 0.5 * torch.stack(blocks).mean()
+    result = distill(small, dense, data, steps=1, lr=1e-3, loss="mse", layers="blocks", layer_weight=0.5)
+    assert result.losses[0] == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_the_learning_rate_warms_up_linearly_then_follows_the_cosine() -> None:
+    import math
+
+    dense, data = bert(), batches(2)
+    small = prune.structured_transformer(dense, sparsity=0.5)
+    result = distill(small, dense, data, steps=10, lr=1e-3, schedule="cosine", warmup=2)
+    want = [1e-3 * (s + 1) / 3 for s in range(2)] + [1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 10)]
+    assert result.lrs == pytest.approx(want, rel=1e-9)
+
+
+def test_early_stopping_keeps_the_weights_of_the_best_held_out_loss() -> None:
+    dense, data, held = bert(), batches(2), batches(2, seed=9)
+    small = prune.structured_transformer(dense, sparsity=0.5)
+    # A learning rate far too high: the held-out loss gets worse after the first steps.
+    result = distill(small, dense, data, steps=60, lr=0.3, validation=held, eval_every=2, patience=3)
+    values = [v for _, v in result.validation]
+    assert len(result.losses) < 60  # stopped early
+    best = min(range(len(values)), key=values.__getitem__)
+    assert result.best_step == result.validation[best][0]
+    n = sum(int(x["attention_mask"].sum()) for x in held)
+    with torch.no_grad():
+        now = sum(((small(**x).last_hidden_state - dense(**x).last_hidden_state).square().mean(-1)
+                   [x["attention_mask"].bool()]).sum().item() for x in held) / n
+    assert now == pytest.approx(values[best], rel=1e-5)
+    assert values[-1] > values[best]
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"schedule": "step"}, r"^schedule: got 'step'; allowed: constant, cosine, linear"),
+    ({"patience": 2}, r"^patience: got 2; allowed: None unless validation= batches are given"),
+    ({"layers": ["encoder.nothing"]}, r"^layers: got 'encoder\.nothing'; allowed: names of modules present in both"),
+    ({"warmup": 5, "steps": 5}, r"^warmup: got 5; allowed: fewer warm-up steps than steps \(5\)"),
+])
+def test_bad_recovery_options_name_the_argument(options: dict, message: str) -> None:
+    dense = bert()
+    small = prune.structured_transformer(dense, sparsity=0.5)
+    with pytest.raises(SecateursError, match=message):
+        distill(small, dense, batches(1), **options)

@@ -28,7 +28,7 @@ __all__ = ["STRUCTURED_OPTIONS", "prune_structured_pretrained"]
 STRUCTURED_OPTIONS = {
     "model": "MODEL", "calibration": "--calibration", "sparsity": "--sparsity", "heads": "--heads",
     "neurons": "--neurons", "criterion": "--criterion", "reconstruct": "--reconstruct", "steps": "--recover-steps",
-    "lr": "--recover-lr", "rule": "--clip", "seq_len": "--seq-len", "samples": "--samples", "batch_size": "--batch-size",
+    "lr": "--recover-lr", "rule": "--clip", "hidden": "--hidden", "seq_len": "--seq-len", "samples": "--samples", "batch_size": "--batch-size",
 }
 """Library argument -> the CLI option a user typed, for error messages."""
 
@@ -37,6 +37,7 @@ def prune_structured_pretrained(
     model: str, *, calibration: Path | None, evaluation: Path | None, sparsity: float | None, heads: float | None,
     neurons: float | None, criterion: str, reconstruct: str | None, recover_steps: int, recover_lr: float,
     clip_rule: str, max_norm: float, seq_len: int, samples: int, batch_size: int, out: Path,
+    hidden: float | None = None,
 ) -> dict[str, Any]:
     """Prune ``model`` (a Hugging Face folder) structurally and write it with its report into
     ``out`` (which must not exist yet); returns the pruning record, the quality and the files."""
@@ -63,13 +64,14 @@ def prune_structured_pretrained(
     check(not out.exists(), "--out", str(out), "a folder that does not exist yet (nothing is overwritten)")
     with quiet_transformers():
         return _run(model, calibration, evaluation, sparsity, heads, neurons, criterion, reconstruct, recover_steps,
-                    recover_lr, clip_rule, max_norm, seq_len, samples, batch_size, out)
+                    recover_lr, clip_rule, max_norm, seq_len, samples, batch_size, out, hidden)
 
 
 def _run(
     model: str, calibration: Path | None, evaluation: Path | None, sparsity: float | None, heads: float | None,
     neurons: float | None, criterion: str, reconstruct: str | None, recover_steps: int, recover_lr: float,
     clip_rule: str, max_norm: float, seq_len: int, samples: int, batch_size: int, out: Path,
+    hidden: float | None = None,
 ) -> dict[str, Any]:
     from secateurs import clip, prune
     from secateurs.pretrained.data import read_batches
@@ -85,7 +87,8 @@ def _run(
     dense_model = loaded.model
     with config_keys("--", STRUCTURED_OPTIONS):
         small = prune.structured_transformer(dense_model, sparsity=sparsity, heads=heads, neurons=neurons,
-                                             criterion=criterion, calibration=batches, reconstruct=reconstruct)
+                                             criterion=criterion, calibration=batches, reconstruct=reconstruct,
+                                             hidden=hidden)
     try:
         prune.check_pretrained(small)
     except SecateursError as err:

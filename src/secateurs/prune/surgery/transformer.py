@@ -41,7 +41,9 @@ calibration inputs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -302,10 +304,16 @@ class UnitStats:
         return (self.square / max(self.rows, 1) - self.mean.square()).clamp_min(0)
 
 
+class _Stop(Exception):
+    """Raised by a hook to end a forward once what it needs has been recorded."""
+
+
 def _collect(model: nn.Module, parts: Sequence[Part], batches: Sequence[Batch], *, gram: bool,
-             grads: Callable[[Any, Any], torch.Tensor] | None) -> dict[str, UnitStats]:
+             grads: Callable[[Any, Any], torch.Tensor] | None, stop: nn.Module | None = None) -> dict[str, UnitStats]:
     """Consumer-input statistics of every part over the batches (padding skipped); with
-    ``grads``, also ``loss.backward()`` per batch so that ``.grad`` sums over them."""
+    ``grads``, also ``loss.backward()`` per batch so that ``.grad`` sums over them. Without
+    ``grads``, a forward ends as soon as ``stop``'s input has been recorded (sequential
+    calibration runs only the blocks up to the part it calibrates)."""
     stats: dict[str, UnitStats] = {}
     valid: list[torch.Tensor | None] = [None]
 
@@ -329,13 +337,17 @@ def _collect(model: nn.Module, parts: Sequence[Part], batches: Sequence[Batch], 
         return hook
 
     handles = [p.consumer.register_forward_pre_hook(hook_for(p)) for p in parts]
+    if stop is not None and grads is None:
+        def halt(_module: nn.Module, _args: tuple) -> None:
+            raise _Stop
+        handles.append(stop.register_forward_pre_hook(halt))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     try:
         for batch in batches:
             valid[0] = batch.valid
             inputs = to_device(batch.inputs, device)
             if grads is None:
-                with torch.no_grad():
+                with torch.no_grad(), contextlib.suppress(_Stop):
                     forward(model, inputs)
             else:
                 with torch.enable_grad():
@@ -578,6 +590,159 @@ def _loadable_heads(part: Part, keep: int) -> int:
     return min(valid, key=lambda k: (abs(k - keep), -k))
 
 
+# --------------------------------------------------------------------------- the hidden size
+
+
+def _is_norm(module: nn.Module, width: int) -> bool:
+    weight = getattr(module, "weight", None)
+    kind = type(module).__name__
+    return (isinstance(module, nn.LayerNorm | nn.RMSNorm) or kind.endswith(("LayerNorm", "RMSNorm"))) and (
+        isinstance(weight, torch.Tensor) and tuple(weight.shape) == (width,))
+
+
+def _check_hidden_family(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    families = {p.family for p in transformer_parts(model)}
+    check(config is not None and isinstance(getattr(config, "hidden_size", None), int) and bool(families)
+          and families <= {"llama", "bert"}, "hidden", f"a {type(model).__name__}",
+          "a Hugging Face LLaMA- or BERT-family model (a config with hidden_size); hidden=None for others")
+
+
+def _residual_sites(model: nn.Module, width: int) -> tuple[list[tuple[nn.Parameter, int]], list[nn.Module]]:
+    """Every (parameter, dim) of the residual stream, the ``width``-wide activations every block
+    reads and adds to: embedding columns, every norm's gain and bias, the input columns of the
+    linears that read it (query/key/value, gate/up, the MLP's first linear, LM head, pooler) and
+    the output rows of those that write it (attention output, MLP output, pooler); and the norms."""
+    sites: list[tuple[nn.Parameter, int]] = []
+    in_parts: set[int] = set()
+
+    def reads(lin: nn.Linear) -> None:
+        in_parts.add(id(lin))
+        sites.append((lin.weight, 1))
+
+    def writes(lin: nn.Linear) -> None:
+        in_parts.add(id(lin))
+        sites.append((lin.weight, 0))
+        if lin.bias is not None:
+            sites.append((lin.bias, 0))
+
+    for part in transformer_parts(model):
+        for lin, _ in part.rows:
+            reads(lin)
+        if part.family == "llama" and part.kind == "heads":
+            for lin in (part.owner.k_proj, part.owner.v_proj):
+                if id(lin) not in in_parts:
+                    reads(lin)
+        writes(part.consumer)
+    norms = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and module.embedding_dim == width:
+            sites.append((module.weight, 1))
+        elif _is_norm(module, width):
+            norms.append(module)
+            sites.append((module.weight, 0))
+            if isinstance(getattr(module, "bias", None), nn.Parameter):
+                sites.append((module.bias, 0))
+        elif isinstance(module, nn.Linear):
+            if id(module) in in_parts:
+                continue
+            if module.in_features == width:
+                sites.append((module.weight, 1))
+            if module.out_features == width:
+                sites.append((module.weight, 0))
+                if module.bias is not None:
+                    sites.append((module.bias, 0))
+        elif any(width in p.shape for p in module.parameters(recurse=False)):
+            raise SecateursError(
+                f"hidden: module {name!r} ({type(module).__name__}) holds a parameter as wide as the hidden size "
+                f"({width}) that is none of embedding, norm or linear; allowed: hidden=None for this model", field="hidden")
+    return sites, norms
+
+
+def _residual_energy(model: nn.Module, norms: Sequence[nn.Module], batches: Sequence[Batch]) -> torch.Tensor:
+    """Mean over the norms' inputs (the residual stream before every block part and at the end)
+    of ``E[x_d^2]`` per hidden dim, padding skipped."""
+    total: list[torch.Tensor] = []
+    rows = [0]
+    valid: list[torch.Tensor | None] = [None]
+
+    def hook(_module: nn.Module, args: tuple) -> None:
+        x = args[0].detach()
+        mask = valid[0]
+        if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+            x = x[mask.to(x.device)]
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        total.append(x.square().sum(0).cpu())
+        rows[0] += x.shape[0]
+
+    handles = [m.register_forward_pre_hook(hook) for m in norms]
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                valid[0] = batch.valid
+                forward(model, to_device(batch.inputs, device))
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack(total).sum(0) / max(rows[0], 1)
+
+
+def _prune_hidden(model: nn.Module, fraction: float, batches: Sequence[Batch] | None, round_to: int) -> dict[str, Any]:
+    """Remove ``fraction`` of the residual-stream width from every place that holds it at once;
+    patch ``config.hidden_size``. Score of a dim: the L2 norm of every weight that reads or writes
+    it, times (with calibration data) the RMS of the residual stream on it."""
+    config = model.config
+    width = int(config.hidden_size)
+    sites, norms = _residual_sites(model, width)
+    squares = torch.zeros(width, dtype=torch.float64)
+    for param, dim in sites:
+        w = param.detach().to(torch.float64).square()
+        squares += (w if w.dim() == 1 else w.sum(1 - dim)).cpu()
+    scores = squares.sqrt()
+    if batches is not None and norms:
+        scores = scores * _residual_energy(model, norms, batches).sqrt()
+    keep = int(width * (1.0 - fraction) + 0.5)
+    step = round_to
+    family = {p.family for p in transformer_parts(model)}
+    if "llama" in family:
+        # LlamaConfig refuses a hidden_size that is no multiple of num_attention_heads.
+        step = math.lcm(step, int(config.num_attention_heads))
+    if step > 1:
+        keep = min(width, max(step, round(keep / step) * step)) if width >= step else keep
+    check(keep >= 1, "hidden", fraction, f"at most {(width - 1) / width:.4g} (one of {width} dims kept)")
+    kept = torch.sort(torch.argsort(scores, descending=True, stable=True)[:keep]).values
+    _cut_sites(model, sites, kept)
+    config.hidden_size = keep
+    if "llama" in family:
+        config.head_dim = int(next(p for p in transformer_parts(model) if p.kind == "heads").head_dim)
+    return {"units": width, "kept": keep, "removed": sorted(set(range(width)) - set(kept.tolist()))}
+
+
+def _cut_sites(model: nn.Module, sites: Sequence[tuple[nn.Parameter, int]], keep: torch.Tensor) -> None:
+    """Keep indices ``keep`` along every (parameter, dim); a parameter shared by several modules
+    (tied embeddings) is cut once and stays shared."""
+    dims: dict[int, tuple[nn.Parameter, set[int]]] = {}
+    for param, dim in sites:
+        dims.setdefault(id(param), (param, set()))[1].add(dim)
+    new: dict[int, nn.Parameter] = {}
+    for key, (param, which) in dims.items():
+        data = param.data
+        for d in sorted(which):
+            data = data.index_select(d, keep.to(data.device))
+        new[key] = nn.Parameter(data.contiguous(), requires_grad=param.requires_grad)
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and id(param) in new:
+                module._parameters[name] = new[id(param)]
+        if isinstance(module, nn.Linear):
+            module.out_features, module.in_features = module.weight.shape
+        elif isinstance(module, nn.Embedding):
+            module.embedding_dim = module.weight.shape[1]
+        elif hasattr(module, "normalized_shape") and isinstance(getattr(module, "weight", None), torch.Tensor):
+            module.normalized_shape = tuple(module.weight.shape)
+
+
 # ------------------------------------------------------------------------------- the config
 
 
@@ -593,11 +758,16 @@ def _patch_config(model: nn.Module, parts: Sequence[Part], biased: set[str]) -> 
         config.head_dim = heads[0].head_dim
     if neurons and neurons[0].family in ("llama", "bert"):
         config.intermediate_size = neurons[0].consumer.in_features
-    bert_heads = [p for p in parts if p.kind == "heads" and p.family == "bert"]
-    original = getattr(config, "num_attention_heads", None)
-    if bert_heads and bert_heads[0].owner.num_attention_heads != original:
-        # Not loadable by stock transformers (see check_pretrained): say so in the config too.
-        config.secateurs_attention_heads = bert_heads[0].owner.num_attention_heads
+    bert_heads = [p for p in transformer_parts(model) if p.kind == "heads" and p.family == "bert"]
+    if bert_heads:
+        kept, size = bert_heads[0].owner.num_attention_heads, bert_heads[0].head_dim
+        if kept * size == config.hidden_size:
+            # BERT's head size is hidden_size // num_attention_heads: the count can be written.
+            config.num_attention_heads = kept
+        else:
+            # Not loadable by stock transformers (see check_pretrained): say so in the config too.
+            config.secateurs_attention_heads = kept
+            config.secateurs_head_dim = size
     if "attention" in biased:
         config.attention_bias = True
     if "mlp" in biased:
@@ -608,18 +778,28 @@ def check_pretrained(model: nn.Module) -> None:
     """Raise :class:`SecateursError` unless ``model.save_pretrained`` writes a folder that stock
     ``from_pretrained`` loads to the same shapes: every linear matches what its config implies.
 
-    BERT-family models with heads removed fail (BERT derives its head size from
-    ``hidden_size // num_attention_heads``, and transformers 5 dropped ``pruned_heads``).
+    BERT-family attention fails unless ``heads x head size == hidden_size``: transformers 5.24's
+    ``BertSelfAttention.__init__`` sets ``self.attention_head_size = int(config.hidden_size /
+    config.num_attention_heads)`` and builds ``query``/``key``/``value`` as
+    ``nn.Linear(config.hidden_size, num_attention_heads * attention_head_size)``, and reads no
+    ``head_dim``, ``attention_head_size`` or ``pruned_heads`` field (transformers 5 dropped
+    ``pruned_heads``), so the attention is always as wide as the residual stream. Removing heads
+    therefore loads only together with the same share of the hidden size (``hidden=`` equal to
+    ``heads=``: 12 heads of 32 on 384 -> 9 heads of 32 on 288).
     """
     config = getattr(model, "config", None)
     check(config is not None, "model", type(model).__name__, "a Hugging Face model (with a config)")
     got = getattr(config, "secateurs_attention_heads", None)
     if got is not None:
+        size = getattr(config, "secateurs_head_dim", None)
+        need = got * size if size else None
         raise SecateursError(
-            f"model: BERT-family attention with {got} of {config.num_attention_heads} heads per layer cannot be "
-            "written in the Hugging Face format (its head size is hidden_size // num_attention_heads, and "
-            "transformers 5 removed pruned_heads); allowed: heads=0 for save_pretrained, or "
-            "secateurs.prune.save_structured / load_structured for a model with heads removed"
+            f"model: BERT-family attention with {got} heads of {size} per layer on hidden_size {config.hidden_size} "
+            "cannot be written in the Hugging Face format: transformers builds every head of size "
+            "hidden_size // num_attention_heads (BertSelfAttention.__init__: attention_head_size = "
+            "int(config.hidden_size / config.num_attention_heads)) and transformers 5 removed pruned_heads; "
+            f"allowed: hidden= the same fraction as heads= (so that hidden_size = {got} x {size} = {need}), "
+            "heads=0 (MLP neurons only), or secateurs.prune.save_structured / load_structured for this model"
         )
 
 
@@ -638,6 +818,8 @@ def structured_transformer(
     reconstruct: str | None = None,
     gqa: str = "kv_group",
     round_to: int = 1,
+    hidden: float | None = None,
+    sequential: bool = True,
 ) -> nn.Module:
     """Return a copy of the Transformer ``model`` with whole heads and MLP neurons removed.
 
@@ -672,7 +854,8 @@ def structured_transformer(
     ``save_pretrained`` folder loads with stock ``from_pretrained`` to bit-identical outputs,
     except for BERT-family models with heads removed (:func:`check_pretrained`).
     """
-    fractions = _validate(sparsity, heads, neurons, reconstruct, gqa, round_to)
+    fractions = _validate(sparsity, heads, neurons, reconstruct, gqa, round_to, hidden)
+    check(isinstance(sequential, bool), "sequential", sequential, "True or False")
     crit = UNIT_CRITERIA.build(criterion) if isinstance(criterion, str) else criterion
     check(isinstance(crit, UnitCriterion), "criterion", criterion, f"a name in {list(UNIT_CRITERIA)} or a UnitCriterion")
     needs_data = crit.needs_data or crit.needs_grad or reconstruct is not None
@@ -689,34 +872,44 @@ def structured_transformer(
     _replace_mha(work)
     parts = [p for p in transformer_parts(work, gqa=gqa) if fractions[p.kind] > 0]
     _check_found(work, parts, fractions)
-    stats: dict[str, UnitStats] = {}
-    if batches is not None:
-        grads = (loss_fn or default_loss) if crit.needs_grad else None
-        stats = _collect(work, parts, batches, gram=reconstruct == "lstsq", grads=grads)
-        missing = [p.name for p in parts if p.name + "/" + p.kind not in stats]
-        check(not missing, "calibration", f"batches that never reach {missing[:3]}", "batches that run every layer")
+    if hidden:
+        _check_hidden_family(work)
     record: dict[str, Any] = {"version": 1, "kind": "transformer", "criterion": crit.name,
-                              "reconstruct": reconstruct, "parts": {}}
-    removals = []
-    with torch.no_grad():
-        for part in parts:
-            s = crit(part, stats.get(part.name + "/" + part.kind))
-            field_name = part.kind if (heads if part.kind == "heads" else neurons) is not None else "sparsity"
-            removals.append(_select(part, s.to(torch.float64), fractions[part.kind], round_to, field_name))
-    for p in work.parameters():
-        p.grad = None
+                              "reconstruct": reconstruct, "sequential": bool(sequential and batches is not None),
+                              "parts": {}}
+    grads = (loss_fn or default_loss) if crit.needs_grad else None
     biased: set[str] = set()
     if reconstruct is not None:
         biased = _ensure_biases(work, parts)
-    with torch.no_grad():
-        for part, remove in zip(parts, removals, strict=True):
-            before = part.units
-            full = part.consumer.weight.detach().clone()
-            keep_cols = _cut(part, remove)
-            if reconstruct is not None:
-                _reconstruct(part, full, keep_cols, stats[part.name + "/" + part.kind], reconstruct)
-            record["parts"][f"{part.name}/{part.kind}"] = {"units": before, "kept": before - len(remove),
-                                                           "removed": sorted(remove.tolist())}
+    # Sequential: each part is calibrated on the outputs of the parts already pruned before it
+    # (one forward up to its consumer per part); parallel: every part on the dense model.
+    steps = [[p] for p in parts] if sequential and batches is not None else [parts]
+    for group in steps:
+        stats: dict[str, UnitStats] = {}
+        if batches is not None:
+            stop = group[-1].consumer if len(steps) > 1 else None
+            stats = _collect(work, group, batches, gram=reconstruct == "lstsq", grads=grads, stop=stop)
+            missing = [p.name for p in group if p.name + "/" + p.kind not in stats]
+            check(not missing, "calibration", f"batches that never reach {missing[:3]}", "batches that run every layer")
+        removals = []
+        with torch.no_grad():
+            for part in group:
+                sc = crit(part, stats.get(part.name + "/" + part.kind))
+                field_name = part.kind if (heads if part.kind == "heads" else neurons) is not None else "sparsity"
+                removals.append(_select(part, sc.to(torch.float64), fractions[part.kind], round_to, field_name))
+        for p in work.parameters():
+            p.grad = None
+        with torch.no_grad():
+            for part, remove in zip(group, removals, strict=True):
+                before = part.units
+                full = part.consumer.weight.detach().clone()
+                keep_cols = _cut(part, remove)
+                if reconstruct is not None:
+                    _reconstruct(part, full, keep_cols, stats[part.name + "/" + part.kind], reconstruct)
+                record["parts"][f"{part.name}/{part.kind}"] = {"units": before, "kept": before - len(remove),
+                                                               "removed": sorted(remove.tolist())}
+    if hidden:
+        record["hidden"] = _prune_hidden(work, hidden, batches, round_to)
     _patch_config(work, parts, biased)
     for name, m in work.named_modules():
         m.training = training.get(name, m.training)
@@ -753,9 +946,9 @@ def _ensure_biases(model: nn.Module, parts: Sequence[Part]) -> set[str]:
 
 
 def _validate(sparsity: float | None, heads: float | None, neurons: float | None, reconstruct: str | None,
-              gqa: str, round_to: int) -> dict[str, float]:
-    check(sparsity is not None or heads is not None or neurons is not None, "sparsity", None,
-          "a fraction in (0, 1), or heads= / neurons= fractions")
+              gqa: str, round_to: int, hidden: float | None = None) -> dict[str, float]:
+    check(sparsity is not None or heads is not None or neurons is not None or hidden is not None, "sparsity", None,
+          "a fraction in (0, 1), or heads= / neurons= / hidden= fractions")
     fractions = {}
     for kind, value in (("heads", heads), ("neurons", neurons)):
         if value is not None:
@@ -764,7 +957,10 @@ def _validate(sparsity: float | None, heads: float | None, neurons: float | None
             fractions[kind] = check_fraction(sparsity, "sparsity", low_open=True)
         else:
             fractions[kind] = 0.0
-    check(any(fractions.values()), "heads/neurons", (heads, neurons), "at least one fraction above 0")
+    if hidden is not None:
+        check_fraction(hidden, "hidden")
+    check(any(fractions.values()) or bool(hidden), "heads/neurons", (heads, neurons),
+          "at least one fraction above 0 (heads, neurons or hidden)")
     if reconstruct is not None:
         check_choice(reconstruct, "reconstruct", RECONSTRUCT)
     check_choice(gqa, "gqa", GQA_UNITS)

@@ -288,14 +288,6 @@ def test_unreachable_target_macs_names_the_reachable_fraction() -> None:
         structured(zoo("mlp"), x_for(), target_macs=0.001)
 
 
-def test_grouped_convolution_is_refused_naming_the_layer() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.Flatten(), nn.LazyLinear(2))
-    x = torch.zeros(1, 3, 8, 8)
-    model(x)
-    with pytest.raises(SecateursError, match=r"layer '2': grouped convolution \(groups=2\)"):
-        structured(model, x, sparsity=0.5)
-
-
 def test_bidirectional_lstm_is_refused_naming_the_layer() -> None:
     torch.manual_seed(0)
     model = build_model("lstm", input_shape=DIGITS, num_classes=10)

@@ -23,7 +23,7 @@ from torch import nn
 from secateurs.errors import check
 from secateurs.inputs import forward, plain
 
-__all__ = ["count_macs", "count_macs_by_module", "count_params", "forward", "measure_latency", "state_dict_bytes"]
+__all__ = ["MacCounter", "count_macs", "count_macs_by_module", "count_params", "forward", "measure_latency", "state_dict_bytes"]
 
 
 def _recurrent_macs(module: nn.RNNBase, inputs: tuple, output: Any) -> None:
@@ -52,14 +52,77 @@ def _linear_macs(module: nn.Linear, inputs: tuple, output: torch.Tensor) -> None
     module.__flops__ += int(inputs[0].numel() * module.out_features + (output.numel() if module.bias is not None else 0))
 
 
+_CUSTOM_RULES = {nn.Linear: _linear_macs} | {t: _recurrent_macs for t in (nn.RNN, nn.LSTM, nn.GRU)}
+
+
+def _rule(module: nn.Module) -> Any:
+    """Torch-Pruning's MAC rule for a module's exact type (ours first), or None."""
+    kind = type(module)
+    return _CUSTOM_RULES.get(kind) or _op_counter.MODULES_MAPPING.get(kind)
+
+
+class MacCounter:
+    """Counts the MACs of the forward passes run on ``model`` while it is entered, by Torch-Pruning's
+    per-module rules (and ours for Linear and recurrent layers), on the model itself: no copy.
+
+    :func:`count_macs` is one forward inside it; :func:`secateurs.prune.structured` counts during
+    the dependency-graph trace it runs anyway, so the original size costs no pass of its own.
+    The per-example count divides by the batch of the model's first positional input (1 for
+    keyword inputs), as Torch-Pruning does.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._handles: list[Any] = []
+        self._counted: list[nn.Module] = []
+        self.batch = 0
+
+    def __enter__(self) -> MacCounter:
+        def batch(_module: nn.Module, args: tuple, _out: Any) -> None:
+            self.batch += len(args[0]) if args else 1
+
+        self._handles.append(self.model.register_forward_hook(batch))
+        for m in self.model.modules():
+            rule = _rule(m)
+            if rule is not None:
+                m.__flops__ = 0
+                self._counted.append(m)
+                self._handles.append(m.register_forward_hook(rule))
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        self.macs = self._total()
+        for h in self._handles:
+            h.remove()
+        for m in self._counted:
+            m.__dict__.pop("__flops__", None)
+        self._handles, self._counted = [], []
+
+    def _total(self) -> int:
+        def walk(m: nn.Module) -> float:
+            if _rule(m) is not None:
+                return m.__flops__
+            return sum(walk(c) for c in m.children())
+
+        return round(walk(self.model) / self.batch) if self.batch else 0
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """Multiply-accumulates of one forward pass per example (the batch size is divided out).
 
-    Torch-Pruning's ``count_ops_and_params`` (a deep copy of the model is measured), with
-    recurrent layers counted per token instead of per the counter's mistaken axes.
+    Torch-Pruning's ``count_ops_and_params`` rules, with recurrent layers counted per token
+    instead of per the counter's mistaken axes. The model runs in eval mode (its training flags
+    are restored); nothing is copied.
     """
-    return count_macs_by_module(model, example_inputs)[0]
+    training = [(m, m.training) for m in model.modules()]
+    try:
+        with MacCounter(model.eval()) as counter:
+            forward(model, plain(example_inputs))
+    finally:
+        for m, flag in training:
+            m.training = flag
+    return counter.macs
 
 
 def count_macs_by_module(model: nn.Module, example_inputs: Any) -> tuple[int, dict[nn.Module, float]]:
@@ -77,7 +140,7 @@ def count_macs_by_module(model: nn.Module, example_inputs: Any) -> tuple[int, di
     >>> total, by_module[net[0]], by_module[net[1]]
     (40, 32.0, 8.0)
     """
-    _op_counter.CUSTOM_MODULES_MAPPING = {nn.Linear: _linear_macs} | {t: _recurrent_macs for t in (nn.RNN, nn.LSTM, nn.GRU)}
+    _op_counter.CUSTOM_MODULES_MAPPING = dict(_CUSTOM_RULES)
     macs, _, per_module, _ = tp.utils.count_ops_and_params(model, plain(example_inputs), layer_wise=True)
     whole = per_module.get(model) or 0
     scale = macs / whole if whole else 1.0

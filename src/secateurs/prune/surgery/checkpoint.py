@@ -46,7 +46,7 @@ SHAPE_ATTRS = (
     "num_features", "normalized_shape", "num_groups", "num_channels",
     "input_size", "hidden_size", "proj_size",
     "embed_dim", "num_heads", "head_dim", "kdim", "vdim",
-    "num_embeddings", "embedding_dim", "num_parameters",
+    "num_embeddings", "embedding_dim", "num_parameters", "hidden_dim", "attn_dim",
 )
 
 

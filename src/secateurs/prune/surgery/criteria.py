@@ -110,9 +110,14 @@ def channel_rows(
             if bias:
                 add(module.bias, 0)
         elif producer:
-            add(module.weight, 1 if module.transposed else 0)
+            if module.transposed and module.groups > 1:
+                _add_grouped(out, _pick(module.weight, grad), module.groups, idxs)
+            else:
+                add(module.weight, 1 if module.transposed else 0)
             if bias:
                 add(module.bias, 0)
+        elif module.groups > 1 and not module.transposed:
+            _add_grouped(out, _pick(module.weight, grad), module.groups, idxs)
         else:
             add(module.weight, 0 if module.transposed else 1)
     elif isinstance(module, nn.Linear):
@@ -143,6 +148,19 @@ def channel_rows(
     elif isinstance(module, nn.Embedding):
         add(module.weight, 1)
     return out
+
+
+def _add_grouped(out: list[torch.Tensor], w: torch.Tensor | None, groups: int, idxs: torch.Tensor) -> None:
+    """Rows of a grouped convolution's channels on the side its weight splits by group.
+
+    A weight ``(groups * R, C, *k)`` holds, for channel ``g * C + c`` of that side, the slice
+    ``w[g * R:(g + 1) * R, c]`` (a grouped convolution's input columns; a grouped transposed
+    convolution's output columns)."""
+    if w is None:
+        return
+    r, c = w.shape[0] // groups, w.shape[1]
+    table = w.reshape(groups, r, c, -1).permute(0, 2, 1, 3).reshape(groups * c, -1)
+    out.append(table.index_select(0, idxs.to(w.device)))
 
 
 def _recurrent_rows(

@@ -39,7 +39,7 @@ from torch.nn import functional as F
 from secateurs._deprecated import renamed_arguments
 from secateurs.errors import SecateursError, check, check_choice, check_fraction, check_int
 from secateurs.inputs import forward, pairs, plain, to_device
-from secateurs.measure import count_macs, count_params
+from secateurs.measure import count_params
 from secateurs.prune.surgery.criteria import GroupCriterion, make_group_criterion
 from secateurs.prune.surgery.graph import (
     ChannelGroup,
@@ -49,7 +49,7 @@ from secateurs.prune.surgery.graph import (
     output_shapes,
     resolve_exclude,
 )
-from secateurs.prune.surgery.layers import RECURRENT_TYPES
+from secateurs.prune.surgery.layers import RECURRENT_TYPES, sync_attributes
 from secateurs.prune.surgery.select import Selector, bisect_macs
 
 __all__ = ["RECORD_ATTR", "SCOPES", "channel_groups", "pruning_record", "structured"]
@@ -203,24 +203,24 @@ def structured(
     loss = loss_fn or F.cross_entropy
     training = {name: m.training for name, m in model.named_modules()}
     excluded = resolve_exclude(model, exclude)
-    work = copy.deepcopy(model)
+    # Data-free criteria never write to the tensors, so the copy shares them until surgery
+    # (which makes new ones for every pruned layer); the rest are cloned afterwards.
+    work, shared = _copy(model, share_tensors=not crit.needs_data)
     _refuse_untraceable(work)
-    try:
-        with torch.no_grad():
-            expected = output_shapes(forward(work.eval(), example_inputs))
-    except Exception as exc:
-        raise SecateursError(
-            f"example_inputs: the model fails on them ({type(exc).__name__}: {exc}); allowed: "
-            "inputs the model accepts, as a tensor, a tuple (positional) or a mapping (keywords)"
-        ) from None
     record = pruning_record(model) or {"version": RECORD_VERSION, "groups": {}}
-    if "macs" not in record:
-        record["macs"] = count_macs(work, example_inputs)
-        record["params"] = count_params(work)
-    start_macs = count_macs(work, example_inputs) if target_macs is not None else 0
+    expected: list[tuple[int, ...]] = []
+    start_macs = 0
     try:
         for k in range(1, rounds + 1):
-            graph = Graph(work, example_inputs, excluded)
+            first = k == 1
+            # The first trace also gives the output shapes and the MACs (one pass for all three).
+            graph = Graph(work, example_inputs, excluded, count_macs=first and ("macs" not in record or target_macs is not None))
+            if first:
+                expected = graph.output_shapes
+                if "macs" not in record:
+                    record["macs"] = graph.macs
+                    record["params"] = count_params(work)
+                start_macs = graph.macs or 0
             _check_prunable(graph, exclude)
             for cg in graph.groups:
                 record["groups"].setdefault(cg.key, {"units": cg.units, "unit": cg.unit_kind, "layers": list(cg.layers)})
@@ -237,6 +237,7 @@ def structured(
                 goal = start_macs * (target_macs * record["macs"] / start_macs) ** (k / rounds)
                 removal = bisect_macs(work, example_inputs, excluded, select, goal, target_macs, record["macs"])
             graph.prune(removal)
+            sync_attributes(work)
             problem = _verify(work, example_inputs, expected, graph)
             if problem is not None:
                 layers = _culprits(model, example_inputs, excluded, expected, removal, graph.groups)
@@ -245,11 +246,44 @@ def structured(
             for cg in graph.groups:
                 record["groups"][cg.key]["kept"] = cg.units - len(removal.get(cg.key, ()))
     finally:
+        _own_tensors(work, shared)
         for name, m in work.named_modules():
             m.training = training.get(name, m.training)
     record["sparsity"] = _reached(record)
     setattr(work, RECORD_ATTR, record)
     return work
+
+
+def _copy(model: nn.Module, *, share_tensors: bool) -> tuple[nn.Module, set[int]]:
+    """A deep copy of ``model`` and the ids of the tensors it still shares with it (all its
+    parameters and buffers with ``share_tensors``, else none)."""
+    if not share_tensors:
+        return copy.deepcopy(model), set()
+    tensors = [*model.parameters(), *model.buffers()]
+    memo: dict[int, Any] = {id(t): t for t in tensors}
+    return copy.deepcopy(model, memo), {id(t) for t in tensors}
+
+
+def _own_tensors(work: nn.Module, shared: set[int]) -> None:
+    """Clone every parameter and buffer of ``work`` that is still one of the original model's
+    (ties kept), so the result shares no storage with the caller's model."""
+    if not shared:
+        return
+    clones: dict[int, torch.Tensor] = {}
+    for m in work.modules():
+        for store in (m._parameters, m._buffers):
+            for name, t in store.items():
+                if t is None or id(t) not in shared:
+                    continue
+                if id(t) not in clones:
+                    if isinstance(t, nn.Parameter):
+                        clone = nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
+                    else:
+                        clone = t.clone()
+                    clones[id(t)] = clone
+                store[name] = clones[id(t)]
+        if isinstance(m, nn.RNNBase):
+            m._init_flat_weights()  # its flat list still names the shared tensors
 
 
 def _reached(record: dict[str, Any]) -> float:
@@ -321,7 +355,6 @@ def _verify(model: nn.Module, example_inputs: Inputs, expected: list[tuple[int, 
         stack.pop()
 
     hooks = [h for m in names for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
-    suspects = graph.suspects(cg.group for cg in graph.groups)
     try:
         with torch.no_grad():
             got = output_shapes(forward(model.eval(), example_inputs))
@@ -329,14 +362,18 @@ def _verify(model: nn.Module, example_inputs: Inputs, expected: list[tuple[int, 
         where = stack[-1] if stack else "<model>"
         layer = f"{where!r} ({type(dict(model.named_modules())[where]).__name__})" if stack else where
         return (f"layer {layer}: the pruned model fails here ({type(exc).__name__}: {exc}); "
-                f"Torch-Pruning's dependency graph misread the channels reaching it ({suspects})")
+                f"Torch-Pruning's dependency graph misread the channels reaching it ({_suspects(graph)})")
     finally:
         for h in hooks:
             h.remove()
     if got == expected:
         return None
     return (f"model output: shapes changed from {expected} to {got} after pruning: pruned channels reach "
-            f"the output through an op the dependency graph cannot follow ({suspects})")
+            f"the output through an op the dependency graph cannot follow ({_suspects(graph)})")
+
+
+def _suspects(graph: Graph) -> str:
+    return graph.suspects(cg.group for cg in graph.groups)
 
 
 def _breaks(model: nn.Module, example_inputs: Inputs, excluded: set[str], expected: list[tuple[int, ...]],

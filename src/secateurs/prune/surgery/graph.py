@@ -9,6 +9,7 @@ rest before anything is cut; :class:`ChannelGroup` is one such group.
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 import warnings
 import weakref
@@ -22,10 +23,11 @@ from torch import nn
 
 from secateurs.errors import SecateursError, check
 from secateurs.inputs import forward, tensors_of
+from secateurs.measure import MacCounter
 from secateurs.prune.surgery.criteria import is_depthwise, role, root_channels
 from secateurs.prune.surgery.layers import RECURRENT_TYPES, customized_pruners
 
-__all__ = ["ROOT_TYPES", "ChannelGroup", "Exclude", "Graph", "Inputs", "output_shapes", "resolve_exclude"]
+__all__ = ["ROOT_TYPES", "ChannelGroup", "Exclude", "Graph", "Inputs", "fused_heads", "output_shapes", "resolve_exclude"]
 
 ROOT_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.conv._ConvNd, nn.Linear, *RECURRENT_TYPES, nn.MultiheadAttention, nn.Embedding,
@@ -55,9 +57,10 @@ class ChannelGroup:
 
     ``key`` is the root layer's name (stable across calls on the same architecture); ``layers``
     names every layer and bare parameter that loses slices with it. Channels are removed in
-    units of ``unit_size`` channels: 1, or ``head_dim`` when the group runs through an
-    ``nn.MultiheadAttention`` (a unit is then a head). ``unit_of[c]`` is the unit of root
-    channel ``c``.
+    units of ``unit_size`` channels: 1; ``head_dim`` when the group runs through an
+    ``nn.MultiheadAttention`` (a unit is then a head); or the number of groups when it runs
+    through a grouped convolution (a unit is then one position within a group, taken from every
+    group). ``unit_of[c]`` is the unit of root channel ``c``.
     """
 
     key: str
@@ -66,38 +69,68 @@ class ChannelGroup:
     unit_of: torch.Tensor
     units: int
     unit_size: int
-
-    @property
-    def unit_kind(self) -> str:
-        """``"head"`` for attention groups, ``"channel"`` otherwise."""
-        return "head" if self.unit_size > 1 else "channel"
+    unit_kind: str = "channel"
+    """``"channel"``, ``"head"`` (attention) or ``"position"`` (grouped convolutions)."""
 
 
 class Graph:
     """Torch-Pruning's dependency graph of one model and the groups we may prune in it."""
 
-    def __init__(self, model: nn.Module, example_inputs: Inputs, excluded: set[str]):
+    def __init__(self, model: nn.Module, example_inputs: Inputs, excluded: set[str], *, count_macs: bool = False):
+        """Trace ``model`` once on ``example_inputs``. That one pass also gives the output shapes
+        (:attr:`output_shapes`), the layers whose outputs the model returns, and, with
+        ``count_macs``, the model's MACs (:attr:`macs`, as :func:`secateurs.measure.count_macs`)."""
         self.model = model
         self.groups: list[ChannelGroup] = []
         self.skipped: dict[str, str] = {}
+        self.macs: int | None = None
+        self.output_shapes: list[tuple[int, ...]] = []
         # Torch-Pruning warns about every op it guesses at; we keep them for error messages.
         with warnings.catch_warnings(record=True) as caught, torch.enable_grad():
             warnings.simplefilter("always")
-            self.dg = self._build(example_inputs)
-            self.output_modules = _output_modules(model, example_inputs)
+            self.dg = self._build(example_inputs, count_macs)
             self.unknown_ops = sorted({str(w.message).split("operation ")[-1].split(" encountered")[0]
                                        for w in caught if "Unknown operation" in str(w.message)})
             self._collect(excluded)
 
-    def _build(self, example_inputs: Inputs) -> tp.DependencyGraph:
+    def _build(self, example_inputs: Inputs, count_macs: bool) -> tp.DependencyGraph:
+        produced: list[tuple[nn.Module, weakref.ref]] = []
+
+        def hook(module: nn.Module, _args: Any, out: Any) -> None:
+            produced.extend((module, weakref.ref(t)) for t in tensors_of(out))
+
+        def traced(model: nn.Module, inputs: Inputs) -> Any:
+            leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+            handles = [m.register_forward_hook(hook) for m in leaves]
+            try:
+                with MacCounter(model) if count_macs else contextlib.nullcontext() as counter:
+                    out = forward(model, inputs)
+            except Exception as exc:
+                raise _ModelFails(exc) from exc
+            finally:
+                for h in handles:
+                    h.remove()
+            self.macs = counter.macs if counter is not None else None
+            outputs = tensors_of(out)
+            self.output_shapes = [tuple(t.shape) for t in outputs]
+            returned = {id(t) for t in outputs}
+            self.output_modules = list(dict.fromkeys(m for m, ref in produced if (t := ref()) is not None and id(t) in returned))
+            return out
+
         try:
             return tp.DependencyGraph().build_dependency(
                 self.model,
                 example_inputs=example_inputs,
-                forward_fn=forward,
+                forward_fn=traced,
                 output_transform=tensors_of,
                 customized_pruners=customized_pruners(),
             )
+        except _ModelFails as fail:
+            exc = fail.args[0]
+            raise SecateursError(
+                f"example_inputs: the model fails on them ({type(exc).__name__}: {exc}); allowed: "
+                "inputs the model accepts, as a tensor, a tuple (positional) or a mapping (keywords)"
+            ) from None
         except Exception as exc:
             where = traceback.extract_tb(exc.__traceback__)[-1].name
             raise SecateursError(
@@ -106,6 +139,7 @@ class Graph:
             ) from None
 
     def _collect(self, excluded: set[str]) -> None:
+        self.fused = {m.qkv: m for m in self.model.modules() if fused_heads(m) is not None}
         protected_nodes, protected_producers = self._output_side()
         for group in self.dg.get_all_groups(root_module_types=ROOT_TYPES):
             key = self._name(group[0].dep.target.module)
@@ -155,11 +189,6 @@ class Graph:
         for item in group:
             m, name = item.dep.target.module, self._name(item.dep.target.module)
             hint = f"pass exclude=[{name!r}] to keep it and the channels it touches intact"
-            if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not is_depthwise(m):
-                raise SecateursError(
-                    f"layer {name!r}: grouped convolution (groups={m.groups}) is not supported by "
-                    f"structured pruning (allowed: groups=1 or depthwise); {hint}"
-                )
             if isinstance(m, nn.MultiheadAttention) and not m._qkv_same_embed_dim:
                 raise SecateursError(
                     f"layer {name!r}: MultiheadAttention with kdim/vdim != embed_dim is not "
@@ -202,29 +231,85 @@ class Graph:
         n = root_channels(group)
         attention = [(item, item.dep.target.module) for item in group
                      if isinstance(item.dep.target.module, nn.MultiheadAttention)]
-        if not attention:
+        grouped = [(i, item, item.dep.target.module) for i, item in enumerate(group) if _is_grouped(item.dep.target.module)]
+        if grouped and attention:
+            names = ", ".join(repr(self._name(m)) for _, m in attention) + ", " + ", ".join(repr(self._name(m)) for _, _, m in grouped)
+            raise SecateursError(
+                f"layers {names}: attention heads and grouped convolutions share channels, so "
+                f"whole heads and whole group positions cannot both be kept; pass exclude=[{key!r}] to keep them intact"
+            )
+        if grouped:
+            return self._grouped_conv_group(key, layers, group, grouped, n)
+        # A fused qkv projection (timm Attention, torchvision Swin): its output channel c is
+        # head (c % attn_dim) // head_dim of the q, k or v part; a unit is one head of all three.
+        fused = [(item, self.fused[m]) for i, item in enumerate(group)
+                 if (m := item.dep.target.module) in self.fused and role(group, i) != "in"]
+        if not attention and not fused:
             return ChannelGroup(key, layers, group, torch.arange(n), n, 1)
         unit_of = torch.full((n,), -1, dtype=torch.long)
-        head_dims = {m.head_dim for _, m in attention}
-        names = ", ".join(repr(self._name(m)) for _, m in attention)
+        spans = [(item, m.head_dim, m.embed_dim) for item, m in attention]
+        spans += [(item, fused_heads(owner)[1], fused_heads(owner)[0] * fused_heads(owner)[1]) for item, owner in fused]
+        names = ", ".join(repr(self._name(item.dep.target.module)) for item, _, _ in spans)
+        head_dims = {d for _, d, _ in spans}
         ok = len(head_dims) == 1
-        for item, m in attention:
-            heads = torch.as_tensor(item.idxs, dtype=torch.long) // m.head_dim
+        for item, head_dim, width in spans:
+            heads = (torch.as_tensor(item.idxs, dtype=torch.long) % width) // head_dim
             root = torch.as_tensor(item.root_idxs, dtype=torch.long)
             ok = ok and bool(((unit_of[root] == -1) | (unit_of[root] == heads)).all())
             unit_of[root] = heads
-        head_dim = head_dims.pop()
-        ok = ok and bool((unit_of >= 0).all()) and bool((torch.bincount(unit_of) == head_dim).all())
+        sizes = torch.bincount(unit_of[unit_of >= 0])
+        ok = ok and bool((unit_of >= 0).all()) and bool((sizes == sizes[0]).all())
         if not ok:
             raise SecateursError(
                 f"layers {names}: attention layers share channels but not head boundaries, so "
                 f"whole heads cannot be removed; pass exclude=[{names}] to keep them intact"
             )
-        return ChannelGroup(key, layers, group, unit_of, n // head_dim, head_dim)
+        return ChannelGroup(key, layers, group, unit_of, len(sizes), int(sizes[0]), "head")
+
+    def _grouped_conv_group(self, key: str, layers: tuple[str, ...], group: tp.Group,
+                            grouped: list[tuple[int, Any, nn.Module]], n: int) -> ChannelGroup:
+        """Units of a group that runs through grouped convolutions: one unit is one position
+        within a convolution group, taken in every group, so each group of every grouped
+        convolution loses the same positions and ``groups`` stays valid (as Torch-Pruning does).
+
+        Root channels that land on the same position of some grouped convolution are one unit
+        (a union-find over the root channels); units of unequal size are refused."""
+        parent = list(range(n))
+
+        def find(a: int) -> int:
+            while parent[a] != a:
+                parent[a] = parent[parent[a]]
+                a = parent[a]
+            return a
+
+        for i, item, m in grouped:
+            width = m.in_channels if role(group, i) == "in" else m.out_channels
+            per_group = width // m.groups
+            idxs = torch.as_tensor(item.idxs, dtype=torch.long)
+            root = torch.as_tensor(item.root_idxs, dtype=torch.long)
+            position = idxs % per_group
+            order = torch.argsort(position * n + root)
+            pos, rt = position[order].tolist(), root[order].tolist()
+            for a in range(1, len(pos)):
+                if pos[a] == pos[a - 1]:
+                    ra, rb = find(rt[a]), find(rt[a - 1])
+                    if ra != rb:
+                        parent[ra] = rb
+        labels = torch.tensor([find(a) for a in range(n)], dtype=torch.long)
+        _, unit_of = torch.unique(labels, return_inverse=True)
+        sizes = torch.bincount(unit_of)
+        if not bool((sizes == sizes[0]).all()):
+            names = ", ".join(repr(self._name(m)) for _, _, m in grouped)
+            raise SecateursError(
+                f"layers {names}: grouped convolutions share channels with different group layouts, "
+                f"so no channel can be removed from every group alike; pass exclude=[{key!r}] to keep them intact"
+            )
+        return ChannelGroup(key, layers, group, unit_of, len(sizes), int(sizes[0]), "position" if len(sizes) < n else "channel")
 
     def prune(self, removal: dict[str, torch.Tensor]) -> None:
         """Cut ``removal[key]`` (unit ids) out of every group, in place."""
         by_key = {g.key: g for g in self.groups}
+        head_dims = {owner: fused_heads(owner)[1] for owner in self.fused.values()}
         for key, units in removal.items():
             if len(units) == 0:
                 continue
@@ -241,25 +326,34 @@ class Graph:
                     f"{', '.join(cg.layers)} failed ({type(exc).__name__}: {exc}); pass "
                     f"exclude=[{key!r}] to keep them intact"
                 ) from None
+        for owner, head_dim in head_dims.items():  # what their forward reshapes by
+            owner.num_heads = owner.qkv.out_features // (3 * head_dim)
+            if isinstance(owner.__dict__.get("attn_dim"), int):
+                owner.attn_dim = owner.num_heads * head_dim
 
 
-def _output_modules(model: nn.Module, example_inputs: Inputs) -> list[nn.Module]:
-    """The leaf layers whose output tensor is itself one of the model's outputs."""
-    produced: list[tuple[nn.Module, weakref.ref]] = []
+def fused_heads(module: nn.Module) -> tuple[int, int] | None:
+    """``(num_heads, head_dim)`` of an attention layer with one fused ``qkv`` Linear whose output
+    is q, k and v of ``num_heads`` heads of ``head_dim`` (timm's ``Attention``, torchvision's
+    Swin ``ShiftedWindowAttention``), or None for any other module."""
+    qkv, heads = getattr(module, "qkv", None), module.__dict__.get("num_heads")
+    if not isinstance(qkv, nn.Linear) or not isinstance(heads, int) or heads < 1 or isinstance(module, nn.MultiheadAttention):
+        return None
+    head_dim = module.__dict__.get("head_dim")
+    if not isinstance(head_dim, int):
+        if qkv.out_features % (3 * heads):
+            return None
+        head_dim = qkv.out_features // (3 * heads)
+    return (heads, head_dim) if qkv.out_features == 3 * heads * head_dim else None
 
-    def hook(module: nn.Module, _args: Any, out: Any) -> None:
-        produced.extend((module, weakref.ref(t)) for t in tensors_of(out))
 
-    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    try:
-        with torch.no_grad():
-            outputs = tensors_of(forward(model, example_inputs))
-    finally:
-        for h in handles:
-            h.remove()
-    returned = {id(t) for t in outputs}
-    return list(dict.fromkeys(m for m, ref in produced if (t := ref()) is not None and id(t) in returned))
+class _ModelFails(Exception):
+    """The model's own forward failed during the trace (not the graph)."""
+
+
+def _is_grouped(module: Any) -> bool:
+    """A convolution split into groups that is not depthwise (ResNeXt, RegNet)."""
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not is_depthwise(module)
 
 
 def resolve_exclude(model: nn.Module, exclude: Exclude | str, field: str = "exclude") -> set[str]:

@@ -23,6 +23,7 @@ __all__ = [
     "customized_pruners",
     "heads_of",
     "recurrent_gates",
+    "sync_attributes",
 ]
 
 RECURRENT_TYPES: tuple[type[nn.Module], ...] = (nn.RNN, nn.LSTM, nn.GRU)
@@ -138,6 +139,34 @@ def heads_of(layer: nn.MultiheadAttention, idxs: Sequence[int]) -> list[int]:
     if len(heads) >= layer.num_heads:
         raise ValueError(f"MultiheadAttention: cannot remove all {layer.num_heads} heads")
     return heads
+
+
+def sync_attributes(model: nn.Module) -> list[str]:
+    """After surgery, set the plain attributes that a module's ``forward`` reads and that copy a
+    layer's width (Torch-Pruning leaves them stale); returns ``"name.attr"`` for each one changed.
+
+    - torchvision ``VisionTransformer.hidden_dim`` (its input reshape) = ``conv_proj.out_channels``;
+    - torchvision ``EncoderBlock.num_heads`` = its attention's ``num_heads``;
+    - any module holding an ``nn.MultiheadAttention`` as ``self_attention`` or ``attn`` with its own
+      ``num_heads``/``embed_dim``/``hidden_dim`` copies.
+    """
+    changed = []
+    for name, m in model.named_modules():
+        updates: dict[str, int] = {}
+        proj = getattr(m, "conv_proj", None)
+        if isinstance(proj, nn.modules.conv._ConvNd) and isinstance(m.__dict__.get("hidden_dim"), int):
+            updates["hidden_dim"] = proj.out_channels
+        for child in ("self_attention", "self_attn", "attn", "attention"):
+            mha = getattr(m, child, None)
+            if isinstance(mha, nn.MultiheadAttention):
+                for attr, value in (("num_heads", mha.num_heads), ("embed_dim", mha.embed_dim), ("hidden_dim", mha.embed_dim)):
+                    if isinstance(m.__dict__.get(attr), int):
+                        updates[attr] = value
+        for attr, value in updates.items():
+            if m.__dict__[attr] != value:
+                setattr(m, attr, value)
+                changed.append(f"{name}.{attr}" if name else attr)
+    return changed
 
 
 def customized_pruners() -> dict[type[nn.Module], tp.pruner.BasePruningFunc]:

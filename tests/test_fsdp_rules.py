@@ -19,12 +19,11 @@ from test_fsdp import sharded
 from torch.nn import functional as F
 
 from secateurs import clip
-from secateurs.errors import SecateursError
 from secateurs.prune import Pruner, make_criterion
 
 pytestmark = pytest.mark.slow
 
-CRITERIA = ["magnitude", "gradient", "activation", "taylor", "movement", "random"]
+CRITERIA = ["magnitude", "gradient", "activation", "taylor", "movement", "random", "synflow"]
 RULES = {
     "value": lambda: clip.Value(0.05),
     "norm": lambda: clip.Norm(0.3),
@@ -49,7 +48,8 @@ def whole_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def prune_with(model: torch.nn.Module, criterion: str, data: object) -> Pruner:
     """Score (or train, for movement) and prune to 50%."""
-    chosen = make_criterion(criterion, seed=7) if criterion == "random" else criterion
+    options = {"random": {"seed": 7}, "synflow": {"input_shape": (6,), "iterations": 20}}
+    chosen = make_criterion(criterion, **options.get(criterion, {}))
     pruner = Pruner(model, sparsity=0.5, criterion=chosen)
     if criterion == "movement":
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -81,6 +81,22 @@ def clip_with(model: torch.nn.Module, rule: str, data: object) -> list[dict]:
     return out
 
 
+def synflow_record(model: torch.nn.Module) -> dict:
+    """Synflow scores of the dense model, a step to 50%, the scores under those masks, and what
+    the model holds afterwards (whole tensors)."""
+    pruner = Pruner(model, sparsity=0.5, criterion=make_criterion("synflow", input_shape=(6,), iterations=5))
+    scores = pruner.scores()
+    pruner.step()
+    return {
+        "scores": scores,
+        "masks": pruner.masks,
+        "masked_scores": pruner.scores(),
+        "weights": {n: getattr(p, "full_tensor", p.detach)().detach().clone() for n, p in model.named_parameters()},
+        "grads": [p.grad for p in model.parameters()],
+        "training": model.training and all(m.training for m in model.modules()),
+    }
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     join(rank, world, port)
     try:
@@ -88,10 +104,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         for criterion in CRITERIA:
             pruner = prune_with(sharded(net()), criterion, lambda step: step_batch(rank, step))
             result["masks"][criterion] = pruner.masks
-        try:
-            Pruner(sharded(net()), sparsity=0.5, criterion=make_criterion("synflow", input_shape=(6,))).step()
-        except SecateursError as exc:
-            result["synflow"] = str(exc)
+        result["synflow"] = synflow_record(sharded(net()))
         for rule in RULES:
             result["clips"][rule] = clip_with(sharded(net()), rule, lambda step: step_batch(rank, step))
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
@@ -114,9 +127,30 @@ def test_masks_under_fully_shard_are_the_masks_of_the_unsharded_model(ranks: lis
             assert torch.equal(masks[name], mask), name
 
 
-def test_synflow_under_fully_shard_is_one_clear_error(ranks: list[dict]) -> None:
+def test_synflow_scores_under_fully_shard_are_the_scores_of_the_unsharded_model(ranks: list[dict]) -> None:
+    # synflow runs the all-positive network through the sharded module itself (no rank holds
+    # a whole copy), in float32 there against the float64 copy of one process
+    whole = synflow_record(net())
     for r in ranks:
-        assert r["synflow"].startswith("criterion: got 'synflow' for a model sharded by FSDP2")
+        for key in ("scores", "masked_scores"):
+            assert sorted(r["synflow"][key]) == sorted(whole[key])
+            for name, score in whole[key].items():
+                torch.testing.assert_close(r["synflow"][key][name].double(), score, rtol=2e-6, atol=0)
+        masked = whole["masked_scores"]["2.weight"]
+        assert torch.all(masked[~whole["masks"]["2.weight"]] == 0) and masked.min() < whole["scores"]["2.weight"].min()
+
+
+def test_synflow_under_fully_shard_puts_every_shard_back_exactly(ranks: list[dict]) -> None:
+    # the forward ran on |w| with pruned weights zero: the weights (biases included, which
+    # have negative entries) must come back bit for bit, times the mask, with no gradient
+    reference = dict(net().named_parameters())
+    for r in ranks:
+        got = r["synflow"]
+        assert got["training"] and got["grads"] == [None] * len(reference)
+        assert any((p < 0).any() for p in reference.values())
+        for name, weight in reference.items():
+            want = weight.detach() * got["masks"][name] if name in got["masks"] else weight.detach()
+            assert torch.equal(got["weights"][name], want), name
 
 
 @pytest.mark.parametrize("rule", RULES)

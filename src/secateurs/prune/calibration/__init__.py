@@ -21,8 +21,9 @@ Where things live (one idea per module):
 0.5
 """
 
-from secateurs.prune.calibration.oneshot import GROUPS, METHODS, oneshot
+from secateurs.prune.calibration.capture import empty_weights
+from secateurs.prune.calibration.oneshot import GROUPS, METHODS, oneshot, oneshot_streamed
 from secateurs.prune.calibration.owl import OWL
 from secateurs.prune.calibration.results import LayerResult, OneshotResult
 
-__all__ = ["GROUPS", "METHODS", "OWL", "LayerResult", "OneshotResult", "oneshot"]
+__all__ = ["GROUPS", "METHODS", "OWL", "LayerResult", "OneshotResult", "empty_weights", "oneshot", "oneshot_streamed"]

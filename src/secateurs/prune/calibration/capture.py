@@ -24,14 +24,13 @@ from torch import nn
 
 from secateurs.errors import SecateursError
 from secateurs.inputs import forward, tensors_of, to_device
-from secateurs.prune.calibration.stats import InputStats, Recorder
+from secateurs.prune.calibration.stats import InputStats, Recorder, StopForward, supports
 from secateurs.prune.masks import PRUNABLE_MODULES, Target
 
 __all__ = ["Batch", "Unit", "calibrate", "find_blocks", "make_batches", "plan_units"]
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward once what it needed has run."""
+_Stop = StopForward
 
 
 @dataclass
@@ -262,7 +261,14 @@ def _run_block(block: nn.Module, inputs: _Inputs, batches: Sequence[Batch], reco
     for (args, kwargs), batch in zip(inputs.calls, batches, strict=True):
         if recorder is not None:
             recorder.valid = batch.valid
-        out = block(*to_device(args, device), **to_device(kwargs, device))
+        try:
+            out = block(*to_device(args, device), **to_device(kwargs, device))
+        except StopForward:
+            assert recorder is not None and not keep_outputs
+            recorder.freeze()
+            continue
+        if recorder is not None:
+            recorder.freeze()
         if keep_outputs:
             hidden = _first_tensor(out)
             assert hidden is not None
@@ -293,37 +299,295 @@ def calibrate(
     model: nn.Module,
     batches: Sequence[Batch],
     units: Sequence[Unit],
-    prune_unit: Callable[[Unit, dict[str, InputStats]], None],
+    prune_unit: Callable[[Unit, list[Target], dict[str, InputStats]], None],
     *,
     hessian: bool = True,
     absolute: bool = False,
     offload: torch.device | str | None = None,
     on_unit: Callable[[Unit], None] | None = None,
+    load: Callable[[Unit], None] | None = None,
+    unload: Callable[[Unit], None] | None = None,
 ) -> None:
     """Calibrate and prune ``units`` in order, each on the outputs of the pruned ones before it.
 
-    ``prune_unit(unit, stats)`` prunes the unit's targets from their input statistics
-    (parameter name -> :class:`InputStats`; a target no batch reached is missing).
+    ``prune_unit(unit, targets, stats)`` prunes ``targets`` (some of the unit's) from their
+    input statistics (parameter name -> :class:`InputStats`; a target no batch reached is
+    missing). Inside a block the targets are calibrated and pruned a group at a time in the
+    order the block runs them (a group: the layers that read one input tensor, such as q, k and
+    v), each group on the outputs of the groups pruned before it, so only one group's
+    statistics are held at a time. ``load`` / ``unload`` are called around every block (the
+    streamed model's weights are read in and written out there).
     """
     carry: _Inputs | None = None
     for pos, unit in enumerate(units):
-        recorder = Recorder(unit.targets, hessian=hessian, absolute=absolute)
         if unit.block is not None and unit.seen:
+            if load is not None:
+                load(unit)
             if carry is None or not unit.chained:
                 carry = _capture(model, unit.block, batches, offload)
-            with recorder.record():
-                _run_block(unit.block, carry, batches, recorder, False, offload)
-            prune_unit(unit, recorder.stats)
+            remaining = [t for t in unit.targets if supports(t)]
+            while remaining:
+                recorder = Recorder(remaining, hessian=hessian, absolute=absolute, one_group=True)
+                with recorder.record():
+                    _run_block(unit.block, carry, batches, recorder, False, offload)
+                group = [t for t in remaining if t.name in recorder.group]
+                if not group:
+                    break
+                prune_unit(unit, group, recorder.stats)
+                del recorder
+                pruned = {t.name for t in group}
+                remaining = [t for t in remaining if t.name not in pruned]
+            done = {t.name for t in unit.targets if supports(t)} - {t.name for t in remaining}
+            rest = [t for t in unit.targets if t.name not in done]
+            if rest:
+                prune_unit(unit, rest, {})
             following = units[pos + 1] if pos + 1 < len(units) else None
             if following is not None and following.chained and following.seen:
                 carry = _run_block(unit.block, carry, batches, None, True, offload)
             else:
                 carry = None
+            if unload is not None:
+                unload(unit)
         else:
             carry = None
+            recorder = Recorder(unit.targets, hessian=hessian, absolute=absolute)
             if unit.seen and unit.targets:
                 with recorder.record():
                     _run_until(model, unit.targets[0].module, batches, recorder)
-            prune_unit(unit, recorder.stats)
+            prune_unit(unit, unit.targets, recorder.stats)
         if on_unit is not None:
             on_unit(unit)
+
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class _Tensors:
+    """A safetensors file read one tensor at a time with plain reads (no memory map, so
+    nothing read stays resident once it is dropped)."""
+
+    def __init__(self, path: Any):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                self.head = f.read(size)
+                header = __import__("json").loads(self.head)
+        except (OSError, ValueError) as exc:
+            raise SecateursError(f"weights: got {str(path)!r}, which is not a readable safetensors file ({exc})") from None
+        header.pop("__metadata__", None)
+        self.start = 8 + size
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for key, entry in header.items():
+            if entry["dtype"] not in _DTYPES:
+                raise SecateursError(f"weights: got {key!r} of dtype {entry['dtype']}; allowed: {', '.join(_DTYPES)}")
+            begin, end = entry["data_offsets"]
+            self.entries[key] = (_DTYPES[entry["dtype"]], tuple(entry["shape"]), begin, end)
+
+    def read(self, key: str, source: Any = None) -> torch.Tensor:
+        dtype, shape, begin, end = self.entries[key]
+        buffer = bytearray(end - begin)
+        with open(source or self.path, "rb") as f:
+            f.seek(self.start + begin)
+            f.readinto(buffer)
+        if not buffer:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+class Streamed:
+    """A model whose parameters and buffers live in a safetensors file, not in memory.
+
+    The model is built with its parameters on the ``meta`` device (its non-persistent buffers,
+    such as rotary frequencies, real). Everything outside the blocks is read in at once; a
+    block's tensors are read in when it runs (:meth:`load`, or a pre-hook during a forward of
+    the whole model) and written, pruned, into the output file and dropped again afterwards
+    (:meth:`unload`): the output has the source's header, so every tensor has its slot. A block
+    already written is read back from the output, so later forwards see it pruned.
+    """
+
+    def __init__(self, model: nn.Module, source: Any, out: Any, blocks: Sequence[tuple[str, int, nn.Module]]):
+        import os
+        import tempfile
+        from pathlib import Path
+
+        self.model = model
+        self.file = _Tensors(source)
+        self.out = Path(out)
+        self.blocks = {id(block): (f"{c}.{i}" if c else str(i)) for c, i, block in blocks}
+        owners: dict[str, tuple[nn.Module, str, bool]] = {}
+        for mname, module in model.named_modules():
+            for attr, value in list(module._parameters.items()) + list(module._buffers.items()):
+                if value is None:
+                    continue
+                key = f"{mname}.{attr}" if mname else attr
+                owners[key] = (module, attr, attr in module._parameters)
+        first: dict[int, str] = {}
+        for k, (m, a, _) in owners.items():
+            if k in self.file.entries:
+                first.setdefault(id(getattr(m, a)), k)
+        self.tied = {k: first[id(getattr(m, a))] for k, (m, a, _) in owners.items()
+                     if first.get(id(getattr(m, a)), k) != k}
+        """Key -> the key it shares its tensor with (tied weights are read and kept once)."""
+        missing = [k for k in owners if k not in self.file.entries and k not in self.tied and _is_meta(owners[k])]
+        if missing:
+            raise SecateursError(f"weights: got {str(source)!r} without {missing[:3]}; allowed: the model's own state dict")
+        self.owners = owners
+        self.of_block: dict[str, list[str]] = {}
+        for prefix in self.blocks.values():
+            self.of_block[prefix] = [k for k in owners if k.startswith(prefix + ".") and k in self.file.entries
+                                     and k not in self.tied]
+        in_blocks = {k for keys in self.of_block.values() for k in keys}
+        self.outer = [k for k in owners if k not in in_blocks and k in self.file.entries and k not in self.tied]
+        self.loaded: set[str] = set()
+        self.pinned: set[str] = set()
+        self.written: set[str] = set()
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent)
+        from secateurs.serialization import file_mode
+
+        os.fchmod(fd, file_mode())
+        self.handle = os.fdopen(fd, "wb+")
+        self.handle.write(len(self.file.head).to_bytes(8, "little") + self.file.head)
+        total = max((e[3] for e in self.file.entries.values()), default=0)
+        self.handle.truncate(self.file.start + total)
+        for key in self.outer:
+            self._set(key, self.file.read(key))
+        self._hooks = []
+        for _, _, block in blocks:
+            self._hooks.append(block.register_forward_pre_hook(self._pre, prepend=True))
+            self._hooks.append(block.register_forward_hook(self._post, prepend=True))
+
+    def _set(self, key: str, value: torch.Tensor) -> None:
+        module, attr, is_param = self.owners[key]
+        self._assign(module, attr, value, is_param)
+        for other, source in self.tied.items():
+            if source == key:  # a tied weight (an LM head sharing the embedding) is the same object
+                omod, oattr, _ = self.owners[other]
+                if is_param:
+                    omod._parameters[oattr] = module._parameters[attr]
+                else:
+                    omod._buffers[oattr] = module._buffers[attr]
+
+    @staticmethod
+    def _assign(module: nn.Module, attr: str, value: torch.Tensor, is_param: bool) -> None:
+        if is_param:
+            old = module._parameters[attr]
+            module._parameters[attr] = nn.Parameter(value, requires_grad=bool(old is not None and old.requires_grad))
+        else:
+            module._buffers[attr] = value
+
+    def load(self, unit_or_block: Any) -> None:
+        block = getattr(unit_or_block, "block", unit_or_block)
+        prefix = self.blocks[id(block)]
+        if prefix in self.loaded:
+            self.pinned.add(prefix)
+            return
+        for key in self.of_block[prefix]:
+            self._set(key, self.file.read(key, self.tmp if key in self.written else None))
+        self.loaded.add(prefix)
+        self.pinned.add(prefix)
+
+    def unload(self, unit_or_block: Any, *, write: bool = True) -> None:
+        block = getattr(unit_or_block, "block", unit_or_block)
+        prefix = self.blocks[id(block)]
+        if prefix not in self.loaded:
+            return
+        for key in self.of_block[prefix]:
+            module, attr, is_param = self.owners[key]
+            value = getattr(module, attr)
+            if write:
+                self._write(key, value)
+            meta = torch.empty(value.shape, dtype=value.dtype, device="meta")
+            self._assign(module, attr, meta, is_param)
+        self.handle.flush()  # read back through another handle by later forwards
+        self.loaded.discard(prefix)
+        self.pinned.discard(prefix)
+
+    def _write(self, key: str, value: torch.Tensor) -> None:
+        dtype, shape, begin, end = self.file.entries[key]
+        data = value.detach().to("cpu", dtype).contiguous()
+        assert tuple(data.shape) == shape
+        self.handle.seek(self.file.start + begin)
+        if end > begin:
+            self.handle.write(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+        self.written.add(key)
+
+    def _pre(self, block: nn.Module, args: tuple) -> None:
+        prefix = self.blocks[id(block)]
+        if prefix not in self.loaded:
+            for key in self.of_block[prefix]:
+                self._set(key, self.file.read(key, self.tmp if key in self.written else None))
+            self.loaded.add(prefix)
+
+    def _post(self, block: nn.Module, args: tuple, output: Any) -> None:
+        prefix = self.blocks[id(block)]
+        if prefix in self.loaded and prefix not in self.pinned:
+            self.unload(block, write=False)
+
+    def finish(self) -> None:
+        """Write every tensor outside the blocks (and any block never run), then move the
+        output into place; the model is left with its outer tensors and meta blocks."""
+        import os
+
+        for key in self.outer:
+            module, attr, _ = self.owners[key]
+            self._write(key, getattr(module, attr))
+        for keys in self.of_block.values():
+            for key in keys:
+                if key not in self.written:
+                    self._write(key, self.file.read(key))
+        for key, source in self.tied.items():
+            if key in self.file.entries:
+                value = getattr(*self.owners[source][:2])
+                self._write(key, self.file.read(source, self.tmp) if value.device.type == "meta" else value)
+        self.close()
+        os.replace(self.tmp, self.out)
+
+    def close(self, *, discard: bool = False) -> None:
+        import os
+
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        if not self.handle.closed:
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+            self.handle.close()
+        if discard and os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+def _is_meta(owner: tuple[nn.Module, str, bool]) -> bool:
+    module, attr, _ = owner
+    value = getattr(module, attr)
+    return isinstance(value, torch.Tensor) and value.device.type == "meta"
+
+
+@contextlib.contextmanager
+def empty_weights() -> Any:
+    """Build a model with its parameters on the ``meta`` device (no memory) and its buffers
+    real, for :func:`~secateurs.prune.oneshot_streamed`:
+
+    >>> with empty_weights():
+    ...     layer = nn.Linear(4, 2)
+    >>> layer.weight.device.type
+    'meta'
+    """
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":  # a tied (shared) parameter stays shared
+            kind = type(module._parameters[name])
+            module._parameters[name] = kind(module._parameters[name].to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]

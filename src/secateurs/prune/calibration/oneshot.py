@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import math
+import os
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import ExitStack, contextmanager
@@ -13,7 +15,15 @@ import torch
 from torch import nn
 
 from secateurs.errors import SecateursError, check, check_choice, check_fraction, check_int
-from secateurs.prune.calibration.capture import Batch, Unit, calibrate, make_batches, plan_units
+from secateurs.prune.calibration.capture import (
+    Batch,
+    Streamed,
+    Unit,
+    calibrate,
+    find_blocks,
+    make_batches,
+    plan_units,
+)
 from secateurs.prune.calibration.owl import OWL, outlier_ratio, owl_sparsities
 from secateurs.prune.calibration.results import LayerResult, OneshotResult
 from secateurs.prune.calibration.sparsegpt import sparsegpt
@@ -29,7 +39,7 @@ from secateurs.prune.calibration.wanda import keep_mask, scores
 from secateurs.prune.masks import Target, find_targets
 from secateurs.prune.selection import parse_pattern, prune_lowest_
 
-__all__ = ["GROUPS", "METHODS", "oneshot"]
+__all__ = ["GROUPS", "METHODS", "oneshot", "oneshot_streamed"]
 
 METHODS: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt", "activation")
 """``magnitude`` |w|; ``wanda`` |w| * ||x||; ``sparsegpt`` mask and weight update from the layer
@@ -91,6 +101,56 @@ def oneshot(
     >>> round(result.sparsity, 3), [layer.name for layer in result.layers]
     (0.5, ['0.weight', '2.weight'])
     """
+    return _oneshot(model, calibration, method=method, sparsity=sparsity, pattern=pattern, group=group, owl=owl,
+                    sparsities=sparsities, targets=targets, exclude=exclude, damping=damping,
+                    block_size=block_size, offload=offload, progress=progress, stream=None)
+
+
+def oneshot_streamed(
+    model: nn.Module,
+    weights: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    calibration: Iterable[Any] | None = None,
+    **options: Any,
+) -> OneshotResult:
+    """:func:`oneshot` for a model that need not fit in memory: its blocks are read from the
+    safetensors file ``weights`` one at a time, pruned, and written into ``out`` (a safetensors
+    file with the same header, so the same keys, dtypes and shapes), then dropped again.
+
+    ``model`` is built with its parameters on the ``meta`` device, under
+    :func:`~secateurs.prune.calibration.capture.empty_weights` (its non-persistent buffers,
+    such as rotary frequencies, stay real). Peak memory is what lies outside the blocks
+    (embeddings, the head) plus one block and one block's calibration activations, whatever the
+    depth. The options are :func:`oneshot`'s, except ``group="global"`` (it ranks every weight
+    at once). ``out`` appears only once complete. The result equals :func:`oneshot` on the
+    model loaded in memory, bit for bit (the same operations in the same order).
+    """
+    from secateurs.prune.calibration.capture import Streamed
+
+    check(options.get("group", "row") != "global", "group", "global", "row or layer when streaming (global ranks all weights at once)")
+    unknown = set(options) - set(inspect.signature(oneshot).parameters)
+    check(not unknown, "options", sorted(unknown), "oneshot's keyword arguments")
+    chosen = find_targets(model, options.get("targets"), options.get("exclude", ()))
+    blocks = find_blocks(model, chosen)
+    check(bool(blocks), "model", type(model).__name__, "a model with repeated blocks (a ModuleList of layers) to stream")
+    stream = Streamed(model, weights, out, blocks)
+    try:
+        result = _oneshot(model, calibration, stream=stream, **options)
+        stream.finish()
+    except BaseException:
+        stream.close(discard=True)
+        raise
+    return result
+
+
+def _oneshot(
+    model: nn.Module, calibration: Iterable[Any] | None = None, *, method: str = "sparsegpt",
+    sparsity: float | None = None, pattern: str | tuple[int, int] | None = None, group: str = "row",
+    owl: bool | OWL = False, sparsities: Mapping[str, float] | None = None,
+    targets: Iterable[str | type[nn.Module]] | None = None, exclude: Iterable[str | type[nn.Module]] = (),
+    damping: float = 0.01, block_size: int = 128, offload: torch.device | str | None = None,
+    progress: bool = False, stream: Streamed | None = None,
+) -> OneshotResult:
     started = time.perf_counter()
     method = check_choice(method, "method", METHODS)
     nm = parse_pattern(pattern)
@@ -147,14 +207,31 @@ def oneshot(
             result.layers = _prune_global(chosen, stats, method, target_sparsity)
             result.units = ["model"]
         elif batches is None:
-            result.layers = [_prune(t, None, method, per_layer[t.name], "", options) for t in chosen]
+            result.layers = _without_data(model, chosen, method, per_layer, options, stream)
             result.units = ["model"]
         else:
             assert units is not None
             result.units = [u.name for u in units]
-            _sequential(model, batches, units, result, method, per_layer, options, offload, progress)
+            _sequential(model, batches, units, result, method, per_layer, options, offload, progress, stream)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _without_data(model: nn.Module, chosen: list[Target], method: str, per_layer: dict[str, float],
+                  options: dict[str, Any], stream: Streamed | None) -> list[LayerResult]:
+    """Magnitude with no calibration data; a streamed model is read a block at a time."""
+    if stream is None:
+        return [_prune(t, None, method, per_layer[t.name], "", options) for t in chosen]
+    out = []
+    holder = {id(m): block for _, _, block in find_blocks(model, chosen) for m in block.modules()}
+    for t in chosen:
+        block = holder.get(id(t.module))
+        if block is not None:
+            stream.load(block)
+        out.append(_prune(t, None, method, per_layer[t.name], "", options))
+        if block is not None:
+            stream.unload(block)
+    return out
 
 
 def _owl(owl: bool | OWL) -> OWL | None:
@@ -299,9 +376,9 @@ def _prune_global(targets: list[Target], stats: dict[str, InputStats], method: s
 
 def _sequential(model: nn.Module, batches: list[Batch], units: list[Unit], result: OneshotResult, method: str,
                 per_layer: dict[str, float], options: dict[str, Any], offload: torch.device | str | None,
-                progress: bool) -> None:
-    def prune_unit(unit: Unit, stats: dict[str, InputStats]) -> None:
-        for t in unit.targets:
+                progress: bool, stream: Streamed | None = None) -> None:
+    def prune_unit(unit: Unit, targets: list[Target], stats: dict[str, InputStats]) -> None:
+        for t in targets:
             result.layers.append(_prune(t, stats.get(t.name), method, per_layer[t.name], unit.name, options))
 
     with ExitStack() as stack:
@@ -316,6 +393,7 @@ def _sequential(model: nn.Module, batches: list[Batch], units: list[Unit], resul
                 bar.update(task, advance=1, description=f"oneshot {method}: {unit.name}")
 
         calibrate(model, batches, units, prune_unit, hessian=True, absolute=method == "activation",
-                  offload=offload, on_unit=on_unit)
+                  offload=offload, on_unit=on_unit, load=None if stream is None else stream.load,
+                  unload=None if stream is None else stream.unload)
     order = {t: i for i, t in enumerate(n for u in units for n in (x.name for x in u.targets))}
     result.layers.sort(key=lambda layer: order.get(layer.name, len(order)))

@@ -21,7 +21,7 @@ from torch import nn
 
 from secateurs.prune.masks import Target
 
-__all__ = ["InputStats", "Recorder", "input_rows", "matrix_run", "set_weight_matrix", "supports", "weight_matrix"]
+__all__ = ["InputStats", "Recorder", "StopForward", "input_rows", "matrix_run", "set_weight_matrix", "supports", "weight_matrix"]
 
 _CONV = (nn.Conv1d, nn.Conv2d)
 
@@ -132,6 +132,10 @@ class InputStats:
         self.rows += x.shape[0]
 
 
+class StopForward(Exception):
+    """Raised by a hook to end a forward once what it needed has run."""
+
+
 class Recorder:
     """Forward pre-hooks that feed each target's :class:`InputStats` while :meth:`record` is active.
 
@@ -140,19 +144,46 @@ class Recorder:
     contribute only their valid rows.
     """
 
-    def __init__(self, targets: Sequence[Target], *, hessian: bool, absolute: bool = False):
+    def __init__(self, targets: Sequence[Target], *, hessian: bool, absolute: bool = False,
+                 one_group: bool = False):
         self.targets = list(targets)
         self.stats: dict[str, InputStats] = {}
         self.valid: torch.Tensor | None = None
         self._hessian = hessian
         self._absolute = absolute
         self._last: tuple[torch.Tensor, int, InputStats] | None = None
+        self.one_group = one_group
+        """Record only the first *group* a forward reaches: the first target and those that read
+        the very same input tensor (q, k and v; gate and up; a conv and its shortcut), then end
+        the forward (:class:`StopForward`) at the first other target. After :meth:`freeze`
+        (the first batch) the group is fixed."""
+        self.group: list[str] = []
+        self._source: torch.Tensor | None = None
+        self._frozen = False
+
+    def freeze(self) -> None:
+        """End of a batch: in ``one_group`` mode the group found so far is the group."""
+        self._frozen = self._frozen or bool(self.group)
+        self._source = None
+        self._last = None
+
+    def _admit(self, name: str, x: torch.Tensor) -> None:
+        """In ``one_group`` mode: whether ``name`` belongs to the group, else stop the forward."""
+        if name in self.group:
+            return
+        if self._frozen or (self._source is not None and x is not self._source):
+            raise StopForward
+        if self._source is None:
+            self._source = x
+        self.group.append(name)
 
     def _hook(self, target: Target) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args else kwargs.get("input")
             if not isinstance(x, torch.Tensor):
                 return
+            if self.one_group:
+                self._admit(target.name, x)
             with torch.no_grad():
                 stats = self.stats.get(target.name)
                 last = self._last

@@ -216,8 +216,27 @@ def test_a_torchvision_vit_is_pruned_and_its_hidden_dim_follows(tmp_path: Path) 
     torch.testing.assert_close(loaded(XI), small(XI), rtol=0, atol=0)
 
 
-def test_a_shufflenet_the_graph_cannot_follow_is_refused_with_a_clear_error() -> None:
+def test_a_channel_shuffle_is_refused_naming_the_layers_instead_of_returning_a_wrong_model() -> None:
+    # Torch-Pruning's graph traces this small ShuffleNet but maps the shuffled channels wrongly:
+    # the model it prunes keeps its output shape and computes something else.
     torch.manual_seed(0)
     model = torchvision.models.ShuffleNetV2([1, 1, 1], [8, 16, 32, 64, 128], num_classes=10).eval()
-    with pytest.raises(SecateursError, match=r"model: Torch-Pruning's dependency graph cannot trace it"):
+    with pytest.raises(SecateursError, match=r"model: layers 'stage2.0', 'stage3.0', 'stage4.0' shuffle channels"):
         structured(model, XI, sparsity=0.5)
+
+
+class Shuffle(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        y = y.view(y.shape[0], 2, 4, *y.shape[2:]).permute(0, 2, 1, 3, 4).reshape(y.shape)
+        return self.b(y).mean((2, 3))
+
+
+def test_a_permute_shuffle_is_refused_too() -> None:
+    # (reshapes and permutes of other dims, as in every ViT, are not shuffles: see the ViT tests)
+    with pytest.raises(SecateursError, match=r"model: layer '' shuffles channels"):
+        structured(Shuffle(), XI, sparsity=0.5)

@@ -102,14 +102,28 @@ class Graph:
         def traced(model: nn.Module, inputs: Inputs) -> Any:
             leaves = [m for m in model.modules() if not any(True for _ in m.children())]
             handles = [m.register_forward_hook(hook) for m in leaves]
+            names = {m: n for n, m in model.named_modules()}
+            stack: list[str] = []
+            handles += [m.register_forward_pre_hook(lambda m, _a: stack.append(names[m])) for m in names]
+            handles += [m.register_forward_hook(_popper(stack)) for m in names]
+            shuffles = _ShuffleWatch(stack)
             try:
-                with MacCounter(model) if count_macs else contextlib.nullcontext() as counter:
+                with (MacCounter(model) if count_macs else contextlib.nullcontext()) as counter, shuffles:
                     out = forward(model, inputs)
             except Exception as exc:
                 raise _ModelFails(exc) from exc
             finally:
                 for h in handles:
                     h.remove()
+            if shuffles.found:
+                where = ", ".join(repr(n) for n in dict.fromkeys(shuffles.found))
+                raise _Refused(
+                    f"model: {'layer' if len(set(shuffles.found)) == 1 else 'layers'} {where} shuffle{'s' if len(set(shuffles.found)) == 1 else ''} channels (a reshape that splits the channels into "
+                    "groups, then a transpose of the groups), which Torch-Pruning's dependency graph maps "
+                    "onto the wrong channels; structured pruning refuses it rather than return a model "
+                    "that computes something else; allowed: models without channel shuffles (ShuffleNet "
+                    "is not supported)"
+                )
             self.macs = counter.macs if counter is not None else None
             outputs = tensors_of(out)
             self.output_shapes = [tuple(t.shape) for t in outputs]
@@ -125,6 +139,8 @@ class Graph:
                 output_transform=tensors_of,
                 customized_pruners=customized_pruners(),
             )
+        except _Refused as refusal:
+            raise SecateursError(str(refusal)) from None
         except _ModelFails as fail:
             exc = fail.args[0]
             raise SecateursError(
@@ -345,6 +361,62 @@ def fused_heads(module: nn.Module) -> tuple[int, int] | None:
             return None
         head_dim = qkv.out_features // (3 * heads)
     return (heads, head_dim) if qkv.out_features == 3 * heads * head_dim else None
+
+
+class _Refused(Exception):
+    """The trace found something structured pruning must not cut (message for the user)."""
+
+
+class _ShuffleWatch(torch.overrides.TorchFunctionMode):
+    """Spots channel shuffles during a forward: ``x.view(b, g, c // g, ...)`` of a tensor whose
+    dim 1 is split in two, then a transpose (or permute) that swaps those two dims. ``found``
+    names the layer running each one (``stack`` is the live module-name stack)."""
+
+    _SPLITS = frozenset({"view", "reshape", "unflatten"})
+    _SWAPS = frozenset({"transpose", "swapaxes", "swapdims", "permute"})
+
+    def __init__(self, stack: list[str]):
+        super().__init__()
+        self.stack = stack
+        self.split: dict[int, weakref.ref] = {}
+        self.found: list[str] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "")
+        if name not in self._SPLITS and name not in self._SWAPS:
+            return out
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor):
+            return out
+        if name in self._SPLITS:
+            if (out.dim() == x.dim() + 1 and x.dim() >= 3 and out.shape[0] == x.shape[0]
+                    and out.shape[1] > 1 and out.shape[2] > 1 and out.shape[1] * out.shape[2] == x.shape[1]
+                    and out.shape[3:] == x.shape[2:]):
+                self.split[id(out)] = weakref.ref(out)
+        elif (ref := self.split.get(id(x))) is not None and ref() is x:
+            dims = [int(d) for d in args[1:]] if name != "permute" else _permutation(args[1:])
+            if name == "permute":
+                swapped = len(dims) > 2 and dims[1] == 2 and dims[2] == 1
+            else:
+                swapped = len(dims) == 2 and sorted(d % x.dim() for d in dims) == [1, 2]
+            if swapped:
+                self.found.append(self.stack[-1] if self.stack else "<model>")
+        return out
+
+
+def _popper(stack: list[str]) -> Any:
+    def leave(_module: nn.Module, _args: Any, _out: Any) -> None:  # a hook that returns None keeps the output
+        if stack:
+            stack.pop()
+
+    return leave
+
+
+def _permutation(args: tuple) -> list[int]:
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        return [int(d) for d in args[0]]
+    return [int(d) for d in args]
 
 
 class _ModelFails(Exception):

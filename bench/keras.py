@@ -4,8 +4,14 @@ Accuracy, on TFMOT's own ground: the same MLP and the seeds' CNN (``padding="sam
 takes the 8x8 digits) are trained dense, then pruned to 90% with polynomial decay and
 fine-tuned identically (Adam 1e-3, batch 32, the same epochs, TFMOT's schedule arguments):
 once by ``tensorflow_model_optimization`` 0.8 on ``tf_keras`` (Keras 2) in a separate venv
-that this script builds under ``bench/out/tfmot-venv``, once by ``secateurs.keras`` on each
-Keras 3 backend. Mean +- std of test accuracy over the seeds; target: within 0.5 points.
+that this script builds (``$SECATEURS_TFMOT_VENV``, default ``/tmp/secateurs-tfmot-venv``),
+once by ``secateurs.keras`` on each Keras 3 backend. Mean +- std of test accuracy over the
+seeds; target: within 0.5 points.
+
+The runs are paired: for one seed, every implementation starts from the same initial weights
+(Glorot-uniform kernels and zero biases drawn by numpy, Keras' own initialisers) and sees the
+batches in the same order (one numpy permutation per epoch, ``fit(shuffle=False)`` an epoch at
+a time), so a gap between implementations measures the pruning, not two frameworks' RNGs.
 
 Overhead, per backend: the seed CNN's ``fit`` step with ``wrap(Adam(), GlobalNorm(1.0))``
 against the same step with Keras' ``Adam(global_clipnorm=1.0)`` (target <= 1.05x), and with
@@ -36,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 # this file is keras.py: take its folder off the path, or `import keras` would import it
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 OUT = HERE / "out"
-VENV = OUT / "tfmot-venv"
+VENV = Path(os.environ.get("SECATEURS_TFMOT_VENV", "/tmp/secateurs-tfmot-venv"))
 TFMOT_SPEC = ["tensorflow-cpu==2.21.0", "tf_keras~=2.21.0", "tensorflow-model-optimization==0.8.0", "scikit-learn"]
 PRE_EPOCHS, PRUNE_EPOCHS, BATCH, SPARSITY = 10, 10, 32, 0.9
 
@@ -77,6 +83,33 @@ def schedule_args(n_train):
             "end_step": steps * int(PRUNE_EPOCHS * 0.8), "frequency": max(1, steps // 2)}  # fmt: skip
 
 
+def initial_weights(model, seed):
+    """Glorot-uniform kernels and zero biases, as Keras' defaults, drawn by numpy from ``seed``
+    (the same numbers for every implementation)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for w in model.get_weights():
+        if w.ndim < 2:
+            out.append(np.zeros_like(w))
+            continue
+        receptive = int(np.prod(w.shape[:-2]))
+        fan_in, fan_out = w.shape[-2] * receptive, w.shape[-1] * receptive
+        limit = np.sqrt(6.0 / (fan_in + fan_out))
+        out.append(rng.uniform(-limit, limit, w.shape).astype(w.dtype))
+    return out
+
+
+def fit_epochs(model, x, y, epochs, seed, phase, callbacks=()):
+    """``epochs`` epochs, each over one numpy permutation of the data (the same for everyone)."""
+    import numpy as np
+
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, phase, epoch]).permutation(len(x))
+        model.fit(x[order], y[order], batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=list(callbacks))
+
+
 def kernel_sparsity(weights):
 
     kernels = [w for w in weights if w.ndim >= 2]
@@ -96,20 +129,21 @@ def accuracy_run(impl, name, seed):
     keras.utils.set_random_seed(seed)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model = build(keras, name)
+    model.set_weights(initial_weights(model, seed))
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, metrics=["accuracy"])
-    model.fit(x, y, batch_size=BATCH, epochs=PRE_EPOCHS, verbose=0)
+    fit_epochs(model, x, y, PRE_EPOCHS, seed, 0)
     dense = model.evaluate(xt, yt, verbose=0)[1]
     args = schedule_args(len(x))
     if impl == "tfmot":
         sched = tfmot.sparsity.keras.PolynomialDecay(**args)
         model = tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=sched)
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, metrics=["accuracy"])
-        model.fit(x, y, batch_size=BATCH, epochs=PRUNE_EPOCHS, verbose=0, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+        fit_epochs(model, x, y, PRUNE_EPOCHS, seed, 1, [tfmot.sparsity.keras.UpdatePruningStep()])
         model = tfmot.sparsity.keras.strip_pruning(model)
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, metrics=["accuracy"])
     else:
         model.compile(optimizer=sk.wrap(keras.optimizers.Adam(1e-3)), loss=loss, metrics=["accuracy"])
-        model.fit(x, y, batch_size=BATCH, epochs=PRUNE_EPOCHS, verbose=0, callbacks=[sk.PolynomialDecay(**args)])
+        fit_epochs(model, x, y, PRUNE_EPOCHS, seed, 1, [sk.PolynomialDecay(**args)])
         sk.strip(model)
     pruned = model.evaluate(xt, yt, verbose=0)[1]
     weights = [w for w in model.get_weights()]
@@ -203,10 +237,10 @@ def mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def accuracy(backends, seeds):
+def accuracy(backends, seeds, models=("mlp", "cnn")):
     tfmot_python = ensure_tfmot_venv()
     rows = {}
-    for name in ("mlp", "cnn"):
+    for name in models:
         runs = {"tfmot (tf_keras)": [worker(tfmot_python, {}, "accuracy", "tfmot", name, str(s)) for s in range(seeds)]}
         for b in backends:
             runs[f"secateurs ({b})"] = [worker(sys.executable, {"KERAS_BACKEND": b}, "accuracy", "secateurs", name, str(s)) for s in range(seeds)]
@@ -251,12 +285,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--backends", default="torch,jax,tensorflow")
+    parser.add_argument("--models", default="mlp,cnn", help="accuracy: mlp, cnn or both")
     args = parser.parse_args()
     backends = [b for b in args.backends.split(",") if b]
     OUT.mkdir(exist_ok=True)
     results, load = {}, os.getloadavg()
     if args.what in ("accuracy", "all"):
-        results["accuracy"], table = accuracy(backends, args.seeds)
+        results["accuracy"], table = accuracy(backends, args.seeds, [m for m in args.models.split(",") if m])
         print(table, "\n")
     if args.what in ("overhead", "all"):
         results["overhead"], table = overhead(backends, args.rounds)

@@ -41,10 +41,27 @@ def seed_cnn() -> keras.Model:
     )
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """The CIFAR-10 pickles hold numpy arrays and lists: refuse any other global (code)."""
+
+    ALLOWED = frozenset(
+        {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+         ("numpy._core.multiarray", "_reconstruct")}
+    )  # fmt: skip
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing {module}.{name} in a CIFAR-10 batch file")
+
+
 def load_cifar10(folder: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The official ``cifar-10-batches-py`` pickles, read as ``keras.datasets.cifar10`` reads
+    them (channels last), scaled to [0, 1]."""
+
     def batch(name: str) -> tuple[np.ndarray, np.ndarray]:
         with open(folder / name, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+            d = _ArraysOnly(f, encoding="bytes").load()
         x = d[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).astype("float32") / 255.0
         return x, np.asarray(d[b"labels"])
 
@@ -76,19 +93,20 @@ def find_cifar(arg: str | None) -> Path | None:
     return None
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cifar", help="folder holding cifar-10-batches-py (default: $CIFAR10_DIR, data/)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--sparsity", type=float, default=0.9)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     folder = find_cifar(args.cifar)
     (train_images, train_labels), (test_images, test_labels) = load_cifar10(folder) if folder else load_digits()
     print(f"backend {keras.backend.backend()}, data {'CIFAR-10' if folder else 'digits (32x32)'}")
     keras.utils.set_random_seed(0)
 
     steps = args.epochs * int(np.ceil(len(train_images) / 32))
-    end_step = max(50, 50 * int(0.7 * steps / 50))  # prune during the first 70% of training
+    end_step = max(1, int(0.7 * steps))  # prune during the first 70% of training,
+    frequency = max(1, min(100, end_step // 10))  # in about ten steps
     model = seed_cnn()
     model.compile(
         optimizer=sk.wrap(keras.optimizers.Adam(), sk.GlobalNorm(1.0), nonfinite="skip"),  # secateurs
@@ -100,7 +118,7 @@ def main() -> None:
         train_labels,
         epochs=args.epochs,
         validation_data=(test_images, test_labels),
-        callbacks=[sk.PolynomialDecay(final_sparsity=args.sparsity, end_step=end_step, frequency=50)],  # secateurs
+        callbacks=[sk.PolynomialDecay(final_sparsity=args.sparsity, end_step=end_step, frequency=frequency)],  # secateurs
     )
 
     _, accuracy = model.evaluate(test_images, test_labels, verbose=0)

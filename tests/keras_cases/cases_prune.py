@@ -9,6 +9,7 @@ import pytest
 
 import secateurs.keras as sk
 from secateurs.errors import SecateursError
+from secateurs.keras._model import sync
 from tests.keras_cases.support import compile_, data, mlp, numpy, values
 
 BACKEND = keras.backend.backend()
@@ -58,22 +59,46 @@ def tfmot_polynomial_decay(step, initial, final, begin, end, power, frequency):
     return in_range and turn, sparsity
 
 
+def tfmot_step_of_batch(batch):
+    """TFMOT 0.8: ``UpdatePruningStep.on_train_begin`` sets ``pruning_step`` to 0, and each
+    training call of ``PruneLowMagnitude`` increments it before ``conditional_mask_update``."""
+    return batch + 1
+
+
+class _ZerosPerBatch(keras.callbacks.Callback):
+    """Zeros of each kernel as each batch starts (after the schedule's callback has run)."""
+
+    def __init__(self, kernels):
+        super().__init__()
+        self.kernels, self.zeros = kernels, []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        sync(self.model)  # JAX's fit holds the live values in its state
+        self.zeros.append([int((numpy(v) == 0).sum()) for v in self.kernels])
+
+
 def test_polynomial_decay_prunes_on_tfmot_steps_to_tfmot_sparsities():
     x, y = data(64)
     model = compile_(mlp(hidden=40), sk.wrap(keras.optimizers.Adam(1e-3)))
+    model.build((None, 6))
     schedule = sk.PolynomialDecay(initial_sparsity=0.2, final_sparsity=0.9, begin_step=3, end_step=27, frequency=6)
-    model.fit(x, y, batch_size=8, epochs=4, verbose=0, callbacks=[schedule])  # steps 0..31
-    expected = []
-    for step in range(32):
-        prune, s = tfmot_polynomial_decay(step, 0.2, 0.9, 3, 27, 3, 6)
+    kernels = [v for v in model.trainable_variables if len(v.shape) == 2]
+    zeros = _ZerosPerBatch(kernels)
+    model.fit(x, y, batch_size=8, epochs=4, verbose=0, callbacks=[schedule, zeros])  # batches 0..31
+    expected = {}
+    for batch in range(32):
+        prune, s = tfmot_polynomial_decay(tfmot_step_of_batch(batch), 0.2, 0.9, 3, 27, 3, 6)
         if prune:
-            expected.append((step, s))
-    assert [s for s, _ in schedule.history] == [s for s, _ in expected] == [3, 9, 15, 21, 27]
-    kernels = [v for v, _ in model.optimizer.masks]
-    for _, s in expected[-1:]:
-        for v in kernels:
-            w = numpy(v)
-            assert (w != 0).sum() == max(round(w.size * (1 - s)), 1)  # TFMOT's kept count
+            expected[batch] = [max(round(v.size * (1 - s)), 1) for v in map(numpy, kernels)]  # TFMOT's k
+    assert list(expected) == [2, 8, 14, 20, 26]
+    assert [s for s, _ in schedule.history] == [tfmot_step_of_batch(b) for b in expected] == [3, 9, 15, 21, 27]
+    sizes = [int(np.prod(v.shape)) for v in kernels]
+    for batch, counts in enumerate(zeros.zeros):
+        before = [0, 0] if batch == 0 else zeros.zeros[batch - 1]
+        if batch in expected:  # pruned to TFMOT's kept count just before this batch
+            assert [n - z for n, z in zip(sizes, counts, strict=True)] == expected[batch]
+        else:
+            assert counts == before, batch  # no pruning on any other batch
 
 
 def test_magnitude_prunes_the_smallest_weights_per_layer_and_globally():
@@ -166,7 +191,7 @@ def test_save_and_load_keep_masks_schedule_position_and_clip_state(tmp_path):
     first, second = schedule(), schedule()
     model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=[first])
     loaded.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=[second])
-    assert first.history == second.history and [s for s, _ in first.history] == [16, 20, 24]
+    assert first.history == second.history and [s for s, _ in first.history] == [20, 24]  # steps 17..32
     for wa, wb in zip(values(model.weights), values(loaded.weights), strict=True):
         np.testing.assert_allclose(wa, wb, rtol=1e-6, atol=1e-7)
 
@@ -197,6 +222,79 @@ def test_sparse_file_round_trips_and_is_smaller(tmp_path):
         np.testing.assert_array_equal(a, b)
     report = sk.sparsity_report(model)
     assert report[-1].weight == "total" and abs(report[-1].sparsity - 0.9) < 0.01
+
+
+def test_sparse_weights_h5_is_smaller_and_stock_load_weights_restores_it(tmp_path):
+    model = compile_(mlp(inputs=64, hidden=96, classes=10), sk.wrap(keras.optimizers.Adam(1e-2)))
+    sk.prune_now(model, 0.9)
+    rng = np.random.default_rng(0)
+    model.fit(rng.normal(size=(16, 64)).astype("float32"), rng.integers(0, 10, 16), epochs=1, verbose=0)
+    sk.strip(model)
+    sparse = sk.save_sparse(model, tmp_path / "sparse.weights.h5")
+    other = mlp(seed=7, inputs=64, hidden=96, classes=10)  # a fresh model: no optimizer
+    assert any(not np.array_equal(a, b) for a, b in zip(values(model.weights), values(other.weights), strict=True))
+    other.load_weights(sparse)  # stock Keras
+    for a, b in zip(values(model.weights), values(other.weights), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert (values(other.weights)[0] == 0).mean() == pytest.approx(0.9, abs=0.01)
+    other.save_weights(tmp_path / "dense.weights.h5")  # Keras' own file of the same weights
+    dense_size = (tmp_path / "dense.weights.h5").stat().st_size
+    assert sparse.stat().st_size < 0.45 * dense_size, (sparse.stat().st_size, dense_size)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.weights.h5", "sparse.weights.h5"]
+    with pytest.raises(SecateursError) as err:
+        sk.save_sparse(model, tmp_path / "weights.h5")
+    assert err.value.field == "path"
+
+
+def _fake_cifar10(root, per_batch=24, seed=0):
+    """A tiny CIFAR-10 in its real on-disk form: ``cifar-10-batches-py/`` holding
+    ``data_batch_1..5`` and ``test_batch``, pickled dicts with bytes keys whose ``b"data"`` is
+    ``uint8 [N, 3072]`` (channel-major rows) and ``b"labels"`` a list, plus ``batches.meta``."""
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": [int(v) for v in rng.integers(0, 10, per_batch)],
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            b"filenames": [f"img_{k}.png".encode() for k in range(per_batch)],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=4)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [b"c%d" % k for k in range(10)], b"num_vis": 3072}, f, protocol=4)
+    return folder
+
+
+def test_the_seed_example_runs_its_cifar10_path(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from keras.src.datasets.cifar import load_batch  # Keras' own reader of these files
+
+    folder = _fake_cifar10(tmp_path)
+    path = Path(__file__).resolve().parents[2] / "examples" / "keras_seed_cnn.py"
+    spec = importlib.util.spec_from_file_location("keras_seed_cnn", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.find_cifar(str(tmp_path)) == folder
+    (x, y), (xt, yt) = example.load_cifar10(folder)
+    parts = [load_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
+    ref = np.concatenate([p[0] for p in parts]).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(x, ref.astype("float32") / 255.0)
+    np.testing.assert_array_equal(y, np.concatenate([p[1] for p in parts]))
+    test_x, test_y = load_batch(folder / "test_batch")
+    np.testing.assert_array_equal(xt * 255.0, test_x.transpose(0, 2, 3, 1))
+    assert x.shape == (120, 32, 32, 3) and list(yt) == list(test_y)
+    example.main(["--cifar", str(tmp_path), "--epochs", "1"])  # 4 steps; prunes at 0, 1 and 2
+    out = capsys.readouterr().out
+    assert f"backend {BACKEND}, data CIFAR-10" in out
+    total = [line for line in out.splitlines() if line.startswith("| total |")]
+    assert len(total) == 1 and total[0].endswith("| 90.0% |"), out[-2000:]
+    assert "test accuracy " in out
 
 
 def _layer_model(kind):

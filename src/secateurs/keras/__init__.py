@@ -35,7 +35,17 @@ from secateurs.keras.export import load_sparse, save_sparse, sparsity_report, st
 from secateurs.keras.layers import PRUNABLE, prunable_targets, register_layer
 from secateurs.keras.logs import ClipStatsLogger
 from secateurs.keras.optimizer import NONFINITE, ClippedOptimizer, NonFiniteGradError, wrap
-from secateurs.keras.rules import AGC, RULES, GlobalNorm, Norm, Rule, Value, build_rule, register
+from secateurs.keras.rules import (
+    AGC,
+    RULES,
+    Chain,
+    GlobalNorm,
+    Norm,
+    Rule,
+    Value,
+    build_rule,
+    register,
+)
 from secateurs.keras.schedules import (
     ConstantSparsity,
     Iterative,
@@ -55,6 +65,7 @@ __all__ = [
     "RULES",
     "AdaGC",
     "AutoClip",
+    "Chain",
     "ClipStats",
     "ClipStatsLogger",
     "ClippedOptimizer",

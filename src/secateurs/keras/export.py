@@ -1,9 +1,17 @@
 """After pruning: a per-layer sparsity report, ``strip`` (bake zeros in, drop the masks) and a
-sparse save of the weights (safetensors: each masked weight as its packed mask bits and its
-kept values, about 1/8 byte + 4 bytes per kept weight instead of 4 bytes per weight)."""
+sparse save of the weights, in one of two forms chosen by the file name:
+
+* ``*.safetensors``: each masked weight as its packed mask bits and its kept values, about
+  1/8 byte + 4 bytes per kept weight instead of 4 bytes per weight; read by :func:`load_sparse`;
+* ``*.weights.h5``: Keras' own weights file (the layout of ``model.save_weights``, the model's
+  weights without the optimizer's), every dataset stored with HDF5's shuffle + gzip filters,
+  which squeeze the runs of zeros; read by stock ``model.load_weights``, no secateurs needed.
+"""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,7 +87,66 @@ def strip(model: Any) -> Any:
 
 
 def save_sparse(model: Any, path: str | Path) -> Path:
-    """Save every weight of ``model`` to a safetensors file, masked weights sparsely."""
+    """Save every weight of ``model`` sparsely; the form follows the name (see the module).
+
+    ``*.safetensors``: masked weights as bits + kept values (load with :func:`load_sparse`).
+    ``*.weights.h5``: a compressed Keras weights file (load with ``model.load_weights``);
+    strip the model first, or it holds the masks' zeros only where the masks were applied.
+    The file is written atomically (a temporary file in the same folder, then renamed).
+    """
+    path = Path(path)
+    allowed = "a path ending in .safetensors or .weights.h5"
+    check(path.name.endswith((".safetensors", ".weights.h5")), "path", str(path), allowed)
+    if path.name.endswith(".weights.h5"):
+        return _save_h5(model, path)
+    return _save_safetensors(model, path)
+
+
+def _save_h5(model: Any, path: Path) -> Path:
+    import h5py
+
+    sync(model)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        dense = Path(tmp) / "dense.weights.h5"
+        model.save_weights(str(dense))  # Keras' own layout, so its own loader reads ours
+        packed = Path(tmp) / path.name
+        # libver="latest": a one-chunk dataset is then indexed without a B-tree (v1 B-trees
+        # cost kilobytes per dataset, more than the zeros save on small layers)
+        with h5py.File(dense, "r") as src, h5py.File(packed, "w", libver="latest") as dst:
+            dst.attrs.update(src.attrs)
+            for key in src:
+                if key != "optimizer":  # the weights only, as save_sparse's other form
+                    _copy_compressed(src[key], dst, key)
+        os.chmod(packed, 0o666 & ~_umask())
+        os.replace(packed, path)
+    return path
+
+
+def _copy_compressed(node: Any, parent: Any, key: str) -> None:
+    import h5py
+
+    if isinstance(node, h5py.Dataset):
+        data = node[()]
+        if data.ndim == 0 or data.size == 0:  # HDF5 filters need a chunked, non-empty array
+            copy = parent.create_dataset(key, data=data)
+        else:
+            copy = parent.create_dataset(
+                key, data=data, chunks=data.shape, compression="gzip", compression_opts=9, shuffle=True
+            )  # one chunk per weight (HDF5 allows up to 4 GiB a chunk)
+    else:
+        copy = parent.create_group(key)
+        for child in node:
+            _copy_compressed(node[child], copy, child)
+    copy.attrs.update(node.attrs)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _save_safetensors(model: Any, path: Path) -> Path:
     from safetensors.numpy import save_file
 
     sync(model)
@@ -98,8 +165,14 @@ def save_sparse(model: Any, path: str | Path) -> Path:
         tensors[key + ":bits"] = np.packbits(mask.reshape(-1))
         tensors[key + ":values"] = np.ascontiguousarray(w.reshape(-1)[mask.reshape(-1)])
         tensors[key + ":shape"] = np.asarray(w.shape, np.int64)
-    path = Path(path)
-    save_file(tensors, str(path), metadata={"format": _FORMAT, "weights": str(len(model.weights))})
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
+        tmp = Path(f.name)
+    try:
+        save_file(tensors, str(tmp), metadata={"format": _FORMAT, "weights": str(len(model.weights))})
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -38,7 +38,7 @@ from keras.saving import (
 
 from secateurs.errors import check, check_choice
 from secateurs.keras import _ops
-from secateurs.keras.rules import RULES, Rule, build_rule
+from secateurs.keras.rules import Rule, build_rule, deserialize_rule, serialize_rule
 from secateurs.keras.stats import STAT_NAMES, ClipStats
 
 __all__ = ["MASK_DTYPE", "NONFINITE", "ClippedOptimizer", "NonFiniteGradError", "wrap"]
@@ -264,11 +264,10 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
     # -- saving ------------------------------------------------------------------------------
 
     def get_config(self) -> dict[str, Any]:
-        rule = None if self.rule is None else {"method": self.rule.method, "config": self.rule.get_config()}
         return {
             "name": self.name,
             "inner_optimizer": serialize_keras_object(self.inner_optimizer),
-            "rule": rule,
+            "rule": serialize_rule(self.rule),
             "nonfinite": self.nonfinite,
             "masked": list(self._held.masked),
         }
@@ -277,10 +276,7 @@ class ClippedOptimizer(keras.optimizers.Optimizer):
     def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> ClippedOptimizer:
         config = dict(config)
         inner = deserialize_keras_object(config.pop("inner_optimizer"), custom_objects=custom_objects)
-        rule = config.pop("rule")
-        if rule is not None:
-            rule = RULES.build(rule["method"], **rule["config"])
-        return cls(inner, rule, **config)
+        return cls(inner, deserialize_rule(config.pop("rule")), **config)
 
     def __repr__(self) -> str:
         return f"ClippedOptimizer({type(self.inner_optimizer).__name__}, rule={self.rule!r}, nonfinite={self.nonfinite!r})"

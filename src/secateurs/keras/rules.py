@@ -25,7 +25,10 @@ from secateurs.keras import _ops
 from secateurs.keras.stats import ClipStats
 from secateurs.registry import Registry
 
-__all__ = ["AGC", "RULES", "GlobalNorm", "Norm", "Rule", "Value", "build_rule", "register"]
+__all__ = [
+    "AGC", "RULES", "Chain", "GlobalNorm", "Norm", "Rule", "Value", "build_rule", "deserialize_rule",
+    "register", "serialize_rule",
+]  # fmt: skip
 
 RULES: Registry[Rule] = Registry("keras clip rule", field="rule", attr="method")
 """Name -> Keras rule class; the same names as :data:`secateurs.clip.RULES`."""
@@ -42,8 +45,8 @@ class Rule:
     """Base class of the Keras clipping rules.
 
     Subclasses implement :meth:`clip`; stateful ones also :meth:`build`. ``get_config()`` (the
-    constructor arguments) is what the optimizer saves, so a rule is rebuilt by
-    ``build_rule(rule.method, **rule.get_config())``.
+    constructor arguments) is what the optimizer saves (:func:`serialize_rule`), so a rule is
+    rebuilt by ``RULES.build(rule.method, **rule.get_config())`` (:func:`deserialize_rule`).
     """
 
     method: ClassVar[str] = ""
@@ -197,3 +200,56 @@ class AGC(Rule):
 
 def _root_sum(squares: list[Any]) -> Any:
     return ops.sqrt(ops.sum(ops.stack(squares)))
+
+
+class Chain(Rule):
+    """Apply rules in order, e.g. ``Chain(AGC(), GlobalNorm(1.0))``: :class:`secateurs.clip.Chain`.
+
+    Each rule clips what the one before it returned. Stats: ``norm_before`` of the first rule,
+    ``norm_after`` and ``threshold`` of the last, ``clipped`` if any rule clipped. The state
+    variables are those of every rule, in order. Not a registered name (as in
+    :mod:`secateurs.clip`): build it from rules.
+    """
+
+    method: ClassVar[str] = "chain"
+
+    def __init__(self, *rules: Rule) -> None:
+        check(len(rules) > 0, "rules", rules, "one or more rules")
+        for i, r in enumerate(rules):
+            check(isinstance(r, Rule), f"rules[{i}]", r, "a secateurs.keras rule")
+        self.rules: tuple[Rule, ...] = rules
+
+    def build(self, optimizer: Any, variables: Sequence[Any]) -> None:
+        for rule in self.rules:
+            rule.build(optimizer, variables)
+
+    def state_variables(self) -> list[Any]:
+        return [v for rule in self.rules for v in rule.state_variables()]
+
+    def clip(self, grads: list[Any], variables: list[Any]) -> tuple[list[Any], ClipStats]:
+        stats = []
+        for rule in self.rules:
+            grads, s = rule.clip(grads, variables)
+            stats.append(s)
+        clipped = ops.max(ops.stack([ops.cast(s.clipped, "float32") for s in stats]))
+        return grads, ClipStats(stats[0].norm_before, stats[-1].norm_after, stats[-1].threshold, clipped)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"rules": [serialize_rule(r) for r in self.rules]}
+
+    def __repr__(self) -> str:
+        return f"Chain({', '.join(map(repr, self.rules))})"
+
+
+def serialize_rule(rule: Rule | None) -> dict[str, Any] | None:
+    """``{"method": ..., "config": ...}``, what a saved optimizer records of its rule."""
+    return None if rule is None else {"method": rule.method, "config": rule.get_config()}
+
+
+def deserialize_rule(config: dict[str, Any] | None) -> Rule | None:
+    """The rule :func:`serialize_rule` described (a :class:`Chain` with its rules)."""
+    if config is None:
+        return None
+    if config["method"] == Chain.method:
+        return Chain(*(deserialize_rule(r) for r in config["config"]["rules"]))
+    return RULES.build(config["method"], **config["config"])

@@ -2,9 +2,14 @@
 
 A step is a training batch. The schedule's position is the wrapped optimizer's ``prune_step``
 (the number of batches it has seen, an optimizer variable: saved with the model, so a loaded
-model resumes where it stopped). Before batch ``step`` the callback asks
-:meth:`PruningSchedule.sparsity_at`; when it answers, the weights are scored, the masks
-re-selected and applied, and the optimizer keeps them applied after every update.
+model resumes where it stopped). Before each batch the callback asks
+:meth:`PruningSchedule.sparsity_at` about the batch's step; when it answers, the weights are
+scored, the masks re-selected and applied, and the optimizer keeps them applied after every
+update. The step of a batch is the number of batches seen before it, except for TFMOT's two
+schedules: TFMOT 0.8's ``PruneLowMagnitude.call`` increments ``pruning_step`` (0 after
+``UpdatePruningStep.on_train_begin``) before its mask update, so the first batch is step 1,
+batch ``b`` step ``b + 1``; ``PolynomialDecay`` and ``ConstantSparsity`` count the same way
+(:attr:`PruningSchedule.first_step`), so they prune on the batches TFMOT prunes on.
 
 ==================  ===========================================================================
 ``PolynomialDecay``  TFMOT's: from ``begin_step`` every ``frequency`` steps to ``end_step``,
@@ -108,8 +113,11 @@ class PruningSchedule(keras.callbacks.Callback):
 
     # -- the schedule ------------------------------------------------------------------------
 
+    first_step = 0
+    """The step of the first batch: 0 for secateurs' schedules, 1 for TFMOT's (see the module)."""
+
     def sparsity_at(self, step: int) -> float | None:
-        """The target sparsity to prune to before batch ``step``, or None (no pruning then)."""
+        """The target sparsity to prune to before the batch of ``step``, or None (no pruning then)."""
         raise NotImplementedError
 
     @property
@@ -131,7 +139,7 @@ class PruningSchedule(keras.callbacks.Callback):
         optimizer.add_masks([t.variable for t in self.targets])
         if len(optimizer.masks) != before and getattr(model, "train_function", None) is not None:
             model.make_train_function(force=True)  # the step now carries the new masks
-        self.step = int(_numpy(optimizer.prune_step))
+        self.step = int(_numpy(optimizer.prune_step)) + self.first_step
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self.attach()
@@ -166,7 +174,8 @@ class PruningSchedule(keras.callbacks.Callback):
 
 
 class PolynomialDecay(PruningSchedule):
-    """TFMOT's ``PolynomialDecay``: the same arguments, defaults and steps.
+    """TFMOT's ``PolynomialDecay``: the same arguments, defaults and steps (the first batch is
+    step 1, as in TFMOT).
 
     Prunes when ``begin_step <= step <= end_step`` and ``(step - begin_step) % frequency == 0``,
     to ``final + (initial - final) * (1 - p)**power`` with
@@ -193,6 +202,8 @@ class PolynomialDecay(PruningSchedule):
         self.frequency = check_int(frequency, "frequency", minimum=1)
         super().__init__(**options)
 
+    first_step = 1
+
     @property
     def final_sparsity(self) -> float:
         return self.final_sparsity_
@@ -206,7 +217,9 @@ class PolynomialDecay(PruningSchedule):
 
 class ConstantSparsity(PruningSchedule):
     """TFMOT's ``ConstantSparsity``: ``target_sparsity`` every ``frequency`` steps from
-    ``begin_step`` to ``end_step`` (-1: for ever)."""
+    ``begin_step`` to ``end_step`` (-1: for ever); the first batch is step 1, as in TFMOT."""
+
+    first_step = 1
 
     def __init__(self, target_sparsity: float, begin_step: int = 0, end_step: int = -1, frequency: int = 100, **options: Any) -> None:
         self.target_sparsity = check_fraction(target_sparsity, "target_sparsity")

@@ -14,7 +14,7 @@ from torch import nn
 
 from secateurs.errors import SecateursError
 
-__all__ = ["LoadedModel", "load_model", "quiet_transformers"]
+__all__ = ["FACTORY_FORMS", "LoadedModel", "build_from_factory", "load_model", "quiet_transformers"]
 
 
 @contextmanager
@@ -81,8 +81,7 @@ def load_model(spec: str, factory: str | None = None) -> LoadedModel:
             raise SecateursError(f"MODEL: got {spec!r}; allowed: a Hugging Face folder or a .safetensors file (with --factory)")
         if factory is None:
             raise SecateursError(
-                f"--factory: got None for {spec!r}; allowed: package.module:function building the model the "
-                "state dict belongs to"
+                f"--factory: got None for {spec!r}; allowed: the model the state dict belongs to: {FACTORY_FORMS}"
             )
         return _load_state_dict(path, factory)
     raise SecateursError(f"MODEL: got {spec!r}, which does not exist; allowed: a Hugging Face folder or a .safetensors file")
@@ -122,15 +121,67 @@ def _load_hf(folder: Path) -> LoadedModel:
     return LoadedModel(model.eval(), "hf", folder, tokenizer, causal)
 
 
-def _load_state_dict(path: Path, factory: str) -> LoadedModel:
+FACTORY_FORMS = (
+    "package.module:function; a zoo name with its input shape and classes, NAME:CxHxW:CLASSES "
+    "(e.g. resnet20:3x32x32:10; the names secateurs run trains); or torchvision.NAME[:CLASSES] "
+    "(e.g. torchvision.resnet18:1000, built with weights=None)"
+)
+"""What ``--factory`` accepts."""
+
+
+def build_from_factory(factory: str) -> nn.Module:
+    """The model ``factory`` names (:data:`FACTORY_FORMS`), with its initial weights.
+
+    >>> build_from_factory("mlp:1x8x8:10").net[1].in_features
+    64
+    """
+    if factory.startswith("torchvision."):
+        return _torchvision(factory)
+    from secateurs.experiment.models import MODELS, build_model
+
+    name, _, rest = factory.partition(":")
+    if name in MODELS:
+        shape, sep, classes = rest.partition(":")
+        try:
+            input_shape = tuple(int(d) for d in shape.split("x"))
+            num_classes = int(classes)
+        except ValueError:
+            input_shape, num_classes = (), 0
+        if not sep or not input_shape or min(input_shape) < 1 or num_classes < 1:
+            raise SecateursError(
+                f"--factory: got {factory!r}; allowed: {name}:CxHxW:CLASSES, the input shape (without the batch) "
+                f"and the classes it was trained with, e.g. {name}:3x32x32:10"
+            )
+        return build_model(name, input_shape=input_shape, num_classes=num_classes)
     module_name, sep, fn_name = factory.partition(":")
     if not sep or not module_name or not fn_name:
-        raise SecateursError(f"--factory: got {factory!r}; allowed: package.module:function")
+        raise SecateursError(f"--factory: got {factory!r}; allowed: {FACTORY_FORMS}; zoo names: {', '.join(MODELS)}")
     try:
         fn = getattr(importlib.import_module(module_name), fn_name)
     except (ImportError, AttributeError) as exc:
-        raise SecateursError(f"--factory: got {factory!r}, which cannot be imported ({exc})") from None
-    model = fn()
+        raise SecateursError(f"--factory: got {factory!r}, which cannot be imported ({exc}); allowed: {FACTORY_FORMS}") from None
+    return fn()
+
+
+def _torchvision(factory: str) -> nn.Module:
+    name, _, classes = factory.removeprefix("torchvision.").partition(":")
+    try:
+        from torchvision import models
+    except ImportError:
+        raise SecateursError(f"--factory: got {factory!r}, which needs torchvision; allowed: pip install torchvision") from None
+    names = models.list_models(module=models)
+    if name not in names:
+        raise SecateursError(f"--factory: got {factory!r}; allowed: torchvision.NAME with NAME one of {', '.join(names[:8])}, ...")
+    kwargs: dict[str, Any] = {"weights": None}
+    if classes:
+        if not classes.isdigit() or int(classes) < 1:
+            raise SecateursError(f"--factory: got {factory!r}; allowed: torchvision.{name}:CLASSES with CLASSES a positive integer")
+        kwargs["num_classes"] = int(classes)
+    return models.get_model(name, **kwargs)
+
+
+def _load_state_dict(path: Path, factory: str) -> LoadedModel:
+    model = build_from_factory(factory)
     if not isinstance(model, nn.Module):
         raise SecateursError(f"--factory: got {factory!r}, which returned a {type(model).__name__}; allowed: a function returning an nn.Module")
     from safetensors import SafetensorError

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -493,23 +494,66 @@ def sparse_embedding_params() -> list[torch.nn.Parameter]:
     return [model[0].weight, model[1].weight, model[0].bias]
 
 
+def densified(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """Copies of ``params`` whose gradients are the same numbers, stored dense."""
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for c, p in zip(copies, params, strict=True):
+        c.grad = p.grad.to_dense().clone()
+    return copies
+
+
+def torch_clips_sparse_gradients() -> bool:
+    """Whether this torch's own ``clip_grad_norm_`` takes a sparse gradient (2.14 does, 2.13 not)."""
+    try:
+        torch.nn.utils.clip_grad_norm_(sparse_embedding_params(), 1.0)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
 @pytest.mark.parametrize(
     "make",
     [AGC, AutoClip, ZClip, AdaGC, lambda: GlobalNorm(1.0), lambda: Norm(1.0), lambda: Value(1.0)],
     ids=["agc", "autoclip", "zclip", "adagc", "global_norm", "norm", "value"],
 )
-def test_a_sparse_gradient_is_a_clear_error_naming_the_parameter(make: Callable[[], Rule]) -> None:
+def test_a_sparse_gradient_is_clipped_as_its_dense_equal_or_is_a_clear_error(make: Callable[[], Rule]) -> None:
     params = sparse_embedding_params()
     assert params[1].grad.layout == torch.sparse_coo
-    with pytest.raises(SecateursError, match=r"params\[1\]\.grad: got a torch\.sparse_coo"):
+    dense = densified(params)
+    try:
         make()(params)
+    except SecateursError as e:
+        assert re.search(r"params\[1\]\.grad: got a torch\.sparse_coo", str(e)), e
+        return
+    make()(dense)
+    for p, d in zip(params, dense, strict=True):
+        torch.testing.assert_close(p.grad.to_dense(), d.grad)
 
 
-def test_a_sparse_gradient_in_a_wrapped_step_is_a_clear_error() -> None:
-    params = sparse_embedding_params()
+def test_global_norm_takes_sparse_gradients_exactly_when_torch_does() -> None:
+    params, reference = sparse_embedding_params(), sparse_embedding_params()
+    if not torch_clips_sparse_gradients():
+        with pytest.raises(SecateursError, match=r"params\[1\]\.grad: got a torch\.sparse_coo"):
+            GlobalNorm(1.0)(params)
+        return
+    norm = torch.nn.utils.clip_grad_norm_(reference, 1.0)
+    torch.testing.assert_close(GlobalNorm(1.0)(params).norm_before, norm)
+    for p, r in zip(params, reference, strict=True):
+        torch.testing.assert_close(p.grad.to_dense(), r.grad.to_dense())
+
+
+def test_a_sparse_gradient_in_a_wrapped_step_is_clipped_as_torch_does_or_is_a_clear_error() -> None:
+    params, reference = sparse_embedding_params(), sparse_embedding_params()
     optimizer = wrap(torch.optim.SGD(params, lr=0.1), GlobalNorm(1.0))
-    with pytest.raises(SecateursError, match=r"params\[1\]\.grad: .*sparse"):
-        optimizer.step()
+    if not torch_clips_sparse_gradients():
+        with pytest.raises(SecateursError, match=r"params\[1\]\.grad: .*sparse"):
+            optimizer.step()
+        return
+    optimizer.step()
+    torch.nn.utils.clip_grad_norm_(reference, 1.0)
+    torch.optim.SGD(reference, lr=0.1).step()
+    for p, r in zip(params, reference, strict=True):
+        torch.testing.assert_close(p.detach(), r.detach())
 
 
 def test_other_failures_of_a_rule_pass_unchanged() -> None:

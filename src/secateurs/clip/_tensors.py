@@ -73,8 +73,8 @@ def dense_grads_only(params: list[Tensor]) -> Iterator[None]:
             if g is not None and g.layout != torch.strided:
                 raise SecateursError(
                     f"params[{i}].grad: got a {g.layout} gradient; allowed: dense "
-                    "(torch.strided) gradients; like torch.nn.utils.clip_grad_norm_, clipping "
-                    "does not take sparse ones (nn.Embedding(sparse=True) makes them)",
+                    "(torch.strided) gradients; this rule needs a torch operation that this "
+                    "torch has no sparse kernel for (nn.Embedding(sparse=True) makes them)",
                     field=f"params[{i}].grad",
                 ) from e
         raise

@@ -50,7 +50,8 @@ from secateurs.recovery import distill  # noqa: E402
 warnings.filterwarnings("ignore")
 transformers.logging.set_verbosity_error()
 torch.set_num_threads(2)
-CALIBRATION, EVALUATION, BATCH, VALIDATION = 128, 500, 16, 128
+CALIBRATION, EVALUATION, BATCH, VALIDATION = 128, 500, 16, 64
+WINDOWS = False  # three texts joined into one window: 3x the cost of a step; off on this 2-core machine
 
 
 def minilm() -> tuple[nn.Module, object]:
@@ -77,7 +78,8 @@ def recovery_data(tok: object, corpus: list[str], seed: int = 0) -> tuple[list[d
     rng = random.Random(seed)
     rng.shuffle(pool)
     held, train = pool[:VALIDATION], pool[VALIDATION:]
-    windows = [" ".join(train[i:i + 3]) for i in range(0, len(train), 3)]
+    windows = [" ".join(train[i:i + 3]) for i in range(0, len(train), 3)] if WINDOWS else []
+    train = sorted(train, key=len)  # batches of similar lengths: less padding
     plain = encode(tok, train) + encode(tok, windows)
     special = set(tok.all_special_ids)  # type: ignore[attr-defined]
     ids = torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in plain])
@@ -135,15 +137,16 @@ def quality(args: argparse.Namespace) -> None:
     train, held = recovery_data(tok, corpus) if args.steps else ([], [])
     print(f"MiniLM quality: mean embedding cosine to the dense model ({EVALUATION} held-out texts)")
     print("| removed | method | cosine | prune s |\n| --- | --- | --- | --- |")
-    configs = [(c.partition(":")[0], c.partition(":")[2] or None) for c in args.configs]
+    configs = [[*c.split(":"), "", ""][:3] for c in args.configs]
     for ratio in args.ratios:
         best = (-1.0, None, "")
-        for crit, how in configs:
+        for crit, how, mode in configs:
             t = time.perf_counter()
-            small = prune.structured_transformer(dense, sparsity=ratio, criterion=crit, calibration=cal, reconstruct=how)
+            small = prune.structured_transformer(dense, sparsity=ratio, criterion=crit, calibration=cal,
+                                                 reconstruct=how or None, sequential=mode != "parallel")
             took = time.perf_counter() - t
             c = cosine(embed(small, ev), ref)
-            label = f"structured_transformer {crit}" + (f" + {how}" if how else "")
+            label = f"structured_transformer {crit}" + (f" + {how}" if how else "") + (f" ({mode})" if mode else "")
             print(f"| {ratio:.0%} | {label} | {c:.3f} | {took:.1f} |", flush=True)
             if c > best[0]:
                 best = (c, small, label)
@@ -156,7 +159,9 @@ def quality(args: argparse.Namespace) -> None:
         result = distill(small, dense, train, steps=args.steps, lr=args.lr, rule=clip.GlobalNorm(1.0), loss=args.loss,
                          layers="blocks" if args.layer_weight else None, layer_weight=args.layer_weight,
                          schedule="cosine", warmup=args.steps // 20, weight_decay=args.weight_decay,
-                         validation=held, eval_every=args.eval_every, patience=args.patience)
+                         validation=held, eval_every=args.eval_every, patience=args.patience,
+                         on_validation=lambda step, v, t=t: print(f"  step {step}: held-out loss {v:.4g} "
+                                                                  f"({time.perf_counter() - t:.0f} s)", flush=True))
         took = time.perf_counter() - t
         print(f"| {ratio:.0%} | {label} + distill ({len(result.losses)} of {args.steps} steps, kept step "
               f"{result.best_step}; {args.loss} + {args.layer_weight:g} x every block, lr {args.lr:g} cosine, "
@@ -249,6 +254,22 @@ def latency(args: argparse.Namespace) -> None:
         heads = small.encoder.layer[0].attention.self.query.out_features // 32
         print(f"| MiniLM (in memory) | {ratio:.0%} | heads {heads}, MLP {small.config.intermediate_size} | {macs:.2f} | "
               f"{lat['dense'] * 1e3:.0f} / {lat['pruned'] * 1e3:.0f} | {sp:.2f} | {sp / macs:.2f} |", flush=True)
+    for ratio in (0.25, 0.5):
+        # Heads, neurons and the hidden size by the same share: the one BERT shape stock transformers loads.
+        small = prune.structured_transformer(bert, sparsity=ratio, hidden=ratio)
+        with tempfile.TemporaryDirectory() as d:
+            small.save_pretrained(d)
+            loaded = transformers.AutoModel.from_pretrained(d).eval()
+            with torch.no_grad():
+                same = torch.equal(small(**xb).last_hidden_state, loaded(**xb).last_hidden_state)
+        assert same, "round trip not bit-identical"
+        macs = _macs_bert(bert, 128) / _macs_bert(loaded, 128)
+        lat = _latency({"dense": bert, "pruned": loaded}, xb, args.rounds)
+        sp = lat["dense"] / lat["pruned"]
+        c = loaded.config
+        print(f"| MiniLM + hidden (reloaded) | {ratio:.0%} | hidden {c.hidden_size}, heads {c.num_attention_heads}, "
+              f"MLP {c.intermediate_size} | {macs:.2f} | {lat['dense'] * 1e3:.0f} / {lat['pruned'] * 1e3:.0f} | "
+              f"{sp:.2f} | {sp / macs:.2f} |", flush=True)
 
 
 def timing(args: argparse.Namespace) -> None:
@@ -287,7 +308,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="recovery steps on the best one-shot model (0: none)")
     parser.add_argument("--configs", nargs="+", default=["magnitude", "activation", "activation:bias", "fluctuation:bias",
                                                           "activation:lstsq", "fluctuation:lstsq"],
-                        help="criterion[:reconstruct] cells of the quality table")
+                        help="criterion[:reconstruct[:parallel]] cells of the quality table (parallel: "
+                             "sequential=False, every statistic from the dense model)")
     parser.add_argument("--no-baselines", dest="baselines", action="store_false", help="skip Torch-Pruning and prune.structured")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--loss", default="mse", help="distillation loss: mse or cosine on the hidden states")

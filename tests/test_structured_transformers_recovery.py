@@ -152,7 +152,10 @@ def test_early_stopping_keeps_the_weights_of_the_best_held_out_loss() -> None:
     dense, data, held = bert(), batches(2), batches(2, seed=9)
     small = prune.structured_transformer(dense, sparsity=0.5)
     # A learning rate far too high: the held-out loss gets worse after the first steps.
-    result = distill(small, dense, data, steps=60, lr=0.3, validation=held, eval_every=2, patience=3)
+    seen: list[tuple[int, float]] = []
+    result = distill(small, dense, data, steps=60, lr=0.3, validation=held, eval_every=2, patience=3,
+                     on_validation=lambda step, v: seen.append((step, v)))
+    assert seen == result.validation and [s for s, _ in seen] == list(range(0, 2 * len(seen), 2))
     values = [v for _, v in result.validation]
     assert len(result.losses) < 60  # stopped early
     best = min(range(len(values)), key=values.__getitem__)

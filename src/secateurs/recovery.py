@@ -128,6 +128,7 @@ def distill(
     validation: Iterable[Any] | None = None,
     eval_every: int = 50,
     patience: int | None = None,
+    on_validation: Callable[[int, float], None] | None = None,
 ) -> DistillResult:
     """Train ``student`` in place for up to ``steps`` AdamW steps to reproduce ``teacher`` on ``calibration``.
 
@@ -153,7 +154,8 @@ def distill(
     ``validation``: held-out batches (never the data the result is judged on): every
     ``eval_every`` steps (and at the start) the final-output loss on them is measured; the student
     ends with the weights of the best measurement, and with ``patience`` training stops after
-    that many measurements without improvement (early stopping).
+    that many measurements without improvement (early stopping); ``on_validation(step, loss)`` is
+    called after each (progress reports).
 
     Both models stay in eval mode (no dropout: the student should match the teacher's
     deterministic outputs); the teacher is never updated.
@@ -197,6 +199,8 @@ def distill(
         if held is not None and (step % eval_every == 0 or step == steps):
             value = _validate(student, teacher, held, kind, device)
             checks.append((step, value))
+            if on_validation is not None:
+                on_validation(step, value)
             if value < best[0]:
                 best, stale = (value, step, {k: v.detach().clone() for k, v in student.state_dict().items()}), 0
             else:

@@ -16,11 +16,12 @@ Every layer loses the same number of heads and neurons, because the Hugging Face
 one number per model (LLaMA: ``num_attention_heads``, ``num_key_value_heads``,
 ``intermediate_size``; BERT: ``intermediate_size``); the config is patched to the new shapes
 (``head_dim`` is written explicitly), so ``save_pretrained`` writes a folder that stock
-``from_pretrained`` loads. BERT's head count cannot be written: BERT derives the head size as
-``hidden_size // num_attention_heads`` and transformers 5 dropped ``pruned_heads``; a BERT model
-with heads removed is exact and fast in memory, is saved with
+``from_pretrained`` loads. BERT's head count can be written only with the hidden size: BERT
+derives the head size as ``hidden_size // num_attention_heads`` and transformers 5 dropped
+``pruned_heads``, so a BERT model with heads removed loads only when ``hidden=`` removes the
+same share of the residual width; otherwise it is exact and fast in memory, is saved with
 :func:`secateurs.prune.save_structured`, and its ``save_pretrained`` is refused (see
-:func:`check_pretrained`).
+:func:`check_pretrained`). ``hidden=`` removes residual-stream dims everywhere at once.
 
 Scores (``criterion``, a name from :data:`UNIT_CRITERIA`): ``magnitude`` (L2 norm of every
 weight a unit owns), ``taylor`` (``sum |w * dL/dw|`` over those weights, gradients summed over
@@ -849,10 +850,27 @@ def structured_transformer(
     model without biases gets them (``attention_bias``/``mlp_bias`` set in its config; the
     extra query/key/value or gate/up biases are zeros).
 
+    ``sequential`` (with calibration data; the default): each attention layer and MLP, in model
+    order, is scored and reconstructed on the outputs of the layers already pruned before it (one
+    forward up to that layer per part, as :func:`secateurs.prune.oneshot` calibrates block by
+    block), so the error of earlier layers is seen and compensated; ``False`` takes every
+    statistic from the dense model in one pass.
+
+    ``hidden`` (LLaMA and BERT families): the fraction of the residual-stream width removed, from
+    every place that holds it at once (embeddings, every LayerNorm/RMSNorm, the inputs of
+    query/key/value and gate/up/intermediate, the outputs of the attention and MLP output
+    linears, LM head, pooler), scored by the L2 norm of every weight on that dim times (with
+    calibration data) the RMS of the residual stream on it; ``config.hidden_size`` is patched. A
+    norm then normalises over the kept dims only (not the same as zeroing the others). LLaMA
+    rounds the kept width to a multiple of ``num_attention_heads`` (its config requires it).
+
     The model itself is not modified. The copy's config is patched (``num_attention_heads``,
-    ``num_key_value_heads``, explicit ``head_dim``, ``intermediate_size``), so its
-    ``save_pretrained`` folder loads with stock ``from_pretrained`` to bit-identical outputs,
-    except for BERT-family models with heads removed (:func:`check_pretrained`).
+    ``num_key_value_heads``, explicit ``head_dim``, ``intermediate_size``, ``hidden_size``), so
+    its ``save_pretrained`` folder loads with stock ``from_pretrained`` to bit-identical outputs,
+    except for BERT-family attention whose heads times head size is not the hidden size
+    (:func:`check_pretrained`): a BERT model with heads removed loads only when ``hidden`` removes
+    the same share of the width (``heads=0.25, hidden=0.25``: 12 heads of 32 on 384 become 9 on
+    288).
     """
     fractions = _validate(sparsity, heads, neurons, reconstruct, gqa, round_to, hidden)
     check(isinstance(sequential, bool), "sequential", sequential, "True or False")

@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from keras import ops
+from keras import backend, ops
 
 from secateurs.errors import check
 
@@ -53,8 +53,27 @@ def combine(norms: Any, p: float = 2.0) -> Any:
     return _norm(norms, p)
 
 
+def _torch_float32(grads: Sequence[Any]) -> bool:
+    """On the torch backend, with every gradient a float32 torch tensor: the fast path.
+
+    Keras' torch backend runs each ``keras.ops`` call eagerly through Python (dtype and
+    argument handling, then one kernel), so a step spent more time in the per-tensor norm and
+    scale calls than in their arithmetic. There, the norm and the scaling are torch's
+    multi-tensor kernels (``torch._foreach_norm`` / ``torch._foreach_mul``, what
+    ``clip_grad_norm_`` runs): the same numbers to float rounding, one Python call each."""
+    if backend.backend() != "torch":
+        return False
+    import torch
+
+    return all(isinstance(g, torch.Tensor) and g.dtype == torch.float32 for g in grads)
+
+
 def total_norm(grads: Sequence[Any], p: float = 2.0) -> Any:
     """p-norm of all ``grads`` viewed as one vector (float32, 0-d)."""
+    if p == 2.0 and grads and _torch_float32(grads):
+        import torch
+
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(grads))))
     if p == 2.0:  # one sum of squares per tensor, one square root
         return ops.sqrt(ops.sum(ops.stack([ops.sum(ops.square(f32(g))) for g in grads])))
     return combine(tensor_norms(grads, p), p)
@@ -67,6 +86,10 @@ def coefficient(norm: Any, max_norm: Any) -> Any:
 
 def scale(grads: Sequence[Any], factor: Any) -> list[Any]:
     """Each gradient times ``factor`` (cast to its dtype)."""
+    if grads and _torch_float32(grads) and _torch_float32([factor]):
+        import torch
+
+        return list(torch._foreach_mul(list(grads), factor))
     return [g * ops.cast(factor, g.dtype) for g in grads]
 
 

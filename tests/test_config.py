@@ -53,6 +53,11 @@ def test_resolved_config_round_trips_through_toml(tmp_path: Path) -> None:
         ("prune.scope=everywhere", "prune.scope", "everywhere"),
         ("prune.pattern=4:2", "prune.pattern", "4:2"),
         ("train.lr=fast", "train.lr", "fast"),
+        ("train.device=gpu", "train.device", "'gpu'"),
+        ("train.device=cuda:x", "train.device", "'cuda:x'"),
+        ("train.device=cuda:", "train.device", "'cuda:'"),
+        ("train.device=CUDA", "train.device", "'CUDA'"),
+        ("train.device=1", "train.device", "1"),
     ],
 )
 def test_bad_values_name_field_and_value(override: str, field: str, value: str) -> None:
@@ -99,3 +104,16 @@ def test_prune_threshold_is_checked_under_its_config_key() -> None:
         load_config(overrides=["prune.threshold=nan", "prune.schedule=oneshot"])
     with pytest.raises(SecateursError, match=r"^prune\.threshold: got 0\.1 with prune\.schedule = 'agp'; allowed: prune\.schedule = 'oneshot'"):
         load_config(overrides=["prune.threshold=0.1"])
+
+
+@pytest.mark.parametrize("value", ["auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps"])
+def test_train_device_takes_every_documented_spelling(value: str) -> None:
+    # the spelling is checked here; whether this machine has the device, when the run starts
+    assert load_config(overrides=[f"train.device={value}"]).train.device == value
+
+
+def test_a_bad_train_device_says_what_is_allowed() -> None:
+    with pytest.raises(SecateursError) as err:
+        load_config(overrides=["train.device=gpu"])
+    assert str(err.value) == "train.device: got 'gpu'; allowed: auto, cpu, cuda, cuda:N (N a GPU index from 0), mps"
+    assert load_config().train.device == "auto"

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import QUICK_RUN, assert_same_tensors, without_timing
+from conftest import QUICK_RUN, without_timing
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -42,49 +42,123 @@ def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 300) -> 
         time.sleep(0.05)
 
 
-def _wait_for_writes(path: Path, proc: subprocess.Popen[str], writes: int, timeout: float = 300) -> None:
-    """Wait until ``path`` has been written ``writes`` times (each save replaces the file)."""
-    deadline = time.monotonic() + timeout
-    seen: list[tuple[int, int, int]] = []
-    while len(seen) < writes:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            pass
-        else:
-            version = (st.st_ino, st.st_mtime_ns, st.st_size)
-            if not seen or seen[-1] != version:
-                seen.append(version)
-        time.sleep(0.01)
+# --- a kill at any moment, at fixed points -------------------------------------------------------
+#
+# The run is killed (SIGKILL, sent by the process to itself) at a named write, the n-th time its
+# file is renamed into place (every write is atomic: a temporary file, then os.replace). The
+# point is fixed by what the folder holds, not by a delay that would land elsewhere on every
+# machine and load. "before" kills just ahead of the rename: the temporary file is left over.
+KILL_AT = r"""
+import os, signal, sys
+name, when, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
+del sys.argv[1:4]
+_replace, seen = os.replace, [0]
+
+def replace(src, dst, *args, **kwargs):
+    hit = os.path.basename(os.fspath(dst)) == name
+    seen[0] += hit
+    if hit and seen[0] == nth and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    _replace(src, dst, *args, **kwargs)
+    if hit and seen[0] == nth and when == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+os.replace = replace
+sys.argv[0] = "secateurs"
+from secateurs.cli import main
+main()
+"""
+
+# QUICK_RUN is 3 dense, 3 prune and 2 fine-tuning epochs, one checkpoint after each; structured
+# rounds write a shape side file (structure-EEEE) before the checkpoint that names it.
+KILL_POINTS = {
+    "before config.toml": ("unstructured", "config.toml", "before", 1),
+    "config.toml written, nothing else": ("unstructured", "config.toml", "after", 1),
+    "after the 4th checkpoint (pruning)": ("unstructured", "checkpoint.safetensors", "after", 4),
+    "during the 7th checkpoint (fine-tuning)": ("unstructured", "checkpoint.safetensors", "before", 7),
+    "after the final model, before the report": ("unstructured", "model.safetensors", "after", 1),
+    "after the report": ("unstructured", "report.json", "after", 1),
+    "structured: side file written, its checkpoint not": ("structured", "structure-0005.safetensors", "after", 1),
+    "structured: after the report": ("structured", "report.json", "after", 1),
+}
+_TIMED_FILES = ("report.json", "report.md", "timing.json")
 
 
-# Kill points fixed by progress, not by time: right after the n-th checkpoint (one per epoch of
-# QUICK_RUN's 3 training, 3 pruning, 2 fine-tuning epochs): in dense training for one kind, in
-# the pruning epochs for the other. A delay would land elsewhere on every machine and load.
-@pytest.mark.parametrize(("kind", "checkpoints"), [("unstructured", 2), ("structured", 4)])
-def test_sigkill_after_a_fixed_checkpoint_then_resume_gives_identical_results(
-    tmp_path: Path, kind: str, checkpoints: int
-) -> None:
-    args = [*_set_args([*QUICK_RUN, f"prune.kind={kind}", "prune.sparsity=0.5" if kind == "structured" else "seed=0"]), "--quiet"]
-    whole = _cli("run", *args, "--out", str(tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr
+def _args_of(kind: str) -> list[str]:
+    return [*_set_args([*QUICK_RUN, f"prune.kind={kind}", "prune.sparsity=0.5" if kind == "structured" else "seed=0"]), "--quiet"]
 
-    killed = tmp_path / "killed"
-    proc = _popen("run", *args, "--out", str(killed))
-    _wait_for_writes(killed / "checkpoint.safetensors", proc, checkpoints)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    resumed = _cli("run", "--resume", str(killed), "--quiet")
-    assert resumed.returncode == 0, resumed.stderr
 
-    assert_same_tensors(killed / "model.safetensors", tmp_path / "whole" / "model.safetensors")
-    a = json.loads((killed / "report.json").read_text())
-    b = json.loads((tmp_path / "whole" / "report.json").read_text())
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The uninterrupted run of each kind, made once per module (on first use)."""
+
+    class Runs(dict):  # type: ignore[type-arg]
+        def __missing__(self, kind: str) -> Path:
+            out = tmp_path_factory.mktemp("whole") / kind
+            result = _cli("run", *_args_of(kind), "--out", str(out))
+            assert result.returncode == 0, result.stderr
+            self[kind] = out
+            return out
+
+    return Runs()
+
+
+def _untimed_md(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if not line.startswith(("| CPU latency", "Wall time:"))]
+
+
+def assert_same_run(got: Path, want: Path) -> None:
+    """The same files with the same bytes; the reports equal but for their timings."""
+    assert sorted(p.name for p in got.iterdir()) == sorted(p.name for p in want.iterdir())
+    for path in want.iterdir():
+        if path.name not in _TIMED_FILES:
+            assert (got / path.name).read_bytes() == path.read_bytes(), path.name
+    a, b = (json.loads((d / "report.json").read_text()) for d in (got, want))
     assert without_timing(a) == without_timing(b)
-    assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert _untimed_md(got / "report.md") == _untimed_md(want / "report.md")
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_a_run_killed_at_a_fixed_point_is_continued_to_the_uninterrupted_result(
+    tmp_path: Path, point: str, uninterrupted: dict[str, Path]
+) -> None:
+    kind, name, when, nth = KILL_POINTS[point]
+    out = tmp_path / "killed"
+    args = _args_of(kind)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AT, name, when, str(nth), "run", *args, "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = sorted(p.name for p in out.iterdir())
+    if when == "before":
+        assert any(n.startswith(f".{name}.") and n.endswith(".tmp") for n in left), left  # the write it interrupted
+
+    if "config.toml" not in left:
+        # Nothing says which config it was: --resume says how to start again, and that works.
+        refused = _cli("run", "--resume", str(out))
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert "stopped before it wrote its config" in refused.stderr
+        assert f"secateurs run CONFIG --out {out}" in refused.stderr
+        again = _cli("run", *args, "--out", str(out))  # a folder of only temporary files counts as empty
+        assert again.returncode == 0, again.stderr
+    elif "report.json" not in left:
+        # --out on the folder of an unfinished run: one line naming the command that continues it
+        refused = _cli("run", *args, "--out", str(out))
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert f"continue that run with: secateurs run --resume {out}" in refused.stderr
+        assert sorted(p.name for p in out.iterdir()) == left  # nothing touched
+        resumed = _cli("run", "--resume", str(out), "--quiet")
+        assert resumed.returncode == 0, resumed.stderr
+    else:
+        before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir() if not p.name.startswith("structure-")}
+        resumed = _cli("run", "--resume", str(out), "--quiet")
+        assert resumed.returncode == 0, resumed.stderr
+        assert "holds a finished run" in resumed.stderr and "nothing was run again" in resumed.stderr
+        # a no-op: every file as it was (a structured run's last shape file, which the kill kept
+        # from being removed, is gone)
+        assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
+    assert_same_run(out, uninterrupted[kind])
 
 
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path: Path) -> None:

@@ -315,6 +315,34 @@ def test_a_structured_checkpoint_keeps_only_the_latest_shapes_file(tmp_path: Pat
     assert not list(tmp_path.glob("structure-*"))
 
 
+def test_a_restore_removes_what_a_kill_left_but_the_shapes_file_its_checkpoint_names(tmp_path: Path) -> None:
+    run = Run(load_config(overrides=STRUCTURED), tmp_path, progress=False)
+    for _ in range(2):
+        run.run_epoch()
+    run.save_checkpoint()  # names structure-0002
+    (tmp_path / "structure-0003.safetensors").write_bytes((tmp_path / "structure-0002.safetensors").read_bytes())  # written, its checkpoint not
+    (tmp_path / "structure-0001.safetensors").write_bytes(b"")  # older, not yet removed
+    (tmp_path / ".checkpoint.safetensors.x1y2.tmp").write_bytes(b"half")  # an interrupted write
+    again = Run(load_config(overrides=STRUCTURED), tmp_path, progress=False)
+    again.restore()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.safetensors", "dense.safetensors", "structure-0002.safetensors", "timing.json"]
+    _same_state(again.model.state_dict(), run.model.state_dict())
+
+
+def test_a_lost_timing_file_is_measured_again_from_the_dense_weights(tmp_path: Path) -> None:
+    cfg = tiny()
+    run = Run(cfg, tmp_path, progress=False)
+    run.run_epoch()
+    run.run_epoch()  # the first prune epoch measures the dense model
+    run.save_checkpoint()
+    (tmp_path / "timing.json").unlink()
+    again = Run(cfg, tmp_path, progress=False)
+    again.restore()
+    dense, want = again.state.report["dense"], run.state.report["dense"]
+    assert {k: v for k, v in dense.items() if k != "latency_ms"} == {k: v for k, v in want.items() if k != "latency_ms"}
+    assert math.isfinite(dense["latency_ms"]) and dense["latency_ms"] > 0
+
+
 def test_a_checkpoint_of_another_config_is_refused(tmp_path: Path) -> None:
     run = Run(tiny(), tmp_path, progress=False)
     run.run_epoch()

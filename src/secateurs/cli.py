@@ -99,13 +99,6 @@ ConfigArg = Annotated[str | None, typer.Argument(help="TOML config file (default
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override one key: --set prune.sparsity=0.8 (repeatable)")]
 
 
-def _resume_command(out: Path) -> str:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        return f"torchrun --nproc-per-node {world} -m secateurs run --resume {out}"
-    return f"secateurs run --resume {out}"
-
-
 def _default_out(prefix: str = "") -> Path:
     return Path("runs") / time.strftime(f"{prefix}%Y%m%d-%H%M%S")
 
@@ -138,12 +131,15 @@ def run(
             raise SecateursError("--resume: takes no CONFIG or --set; the run's own config.toml is used")
         from secateurs.experiment import run as runner  # torch: only once the arguments are checked
 
+        was_finished = runner.finished(resume) is not None
         try:
             report = runner.resume(resume, progress=not quiet, started=_STARTED)
         except runner.Interrupted:
-            typer.echo(f"secateurs: interrupted; resume with: {_resume_command(resume)}", err=True)
+            typer.echo(f"secateurs: interrupted; resume with: {runner.resume_command(resume)}", err=True)
             raise typer.Exit(130) from None
         out = resume
+        if was_finished and os.environ.get("RANK", "0") == "0":
+            typer.echo(f"secateurs: {resume} holds a finished run (report.json); nothing was run again", err=True)
     else:
         cfg = load_config(config, set_ or ())  # a bad key is reported before torch is imported
         from secateurs.experiment import run as runner
@@ -152,7 +148,7 @@ def run(
         try:
             report = runner.start(cfg, out, progress=not quiet, started=_STARTED)
         except runner.Interrupted:
-            typer.echo(f"secateurs: interrupted; resume with: {_resume_command(out)}", err=True)
+            typer.echo(f"secateurs: interrupted; resume with: {runner.resume_command(out)}", err=True)
             raise typer.Exit(130) from None
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 speaks
         return

@@ -9,7 +9,9 @@ resumes from the last whole epoch.
 
 Timings (the wall time so far, the dense model's latency) go in ``timing.json`` beside it, not
 in the checkpoint, so two identical runs write byte-identical checkpoints; a resumed run reads
-them back (a run killed between the two writes counts one epoch's time less).
+them back. A run killed between the two writes counts one epoch's time less, and where the
+timings it read lack the dense latency (killed right after the checkpoint that first holds the
+dense measurement, or ``timing.json`` lost) that is measured again from ``dense.safetensors``.
 """
 
 from __future__ import annotations
@@ -29,11 +31,23 @@ from secateurs.serialization import atomic_write_text, load_state, save_state
 if TYPE_CHECKING:
     from secateurs.experiment.run import Run
 
-__all__ = ["CHECKPOINT", "RunCheckpoint", "RunState"]
+__all__ = ["CHECKPOINT", "RunCheckpoint", "RunState", "tidy"]
 
 CHECKPOINT = "checkpoint.safetensors"
 TIMING = "timing.json"
 _TIMED = ("latency_ms",)  # the keys of report["dense"] that are timings
+
+
+def tidy(out: Path, *, keep_structure: str | None = None) -> None:
+    """Remove what a killed run leaves behind in ``out``: temporary files of interrupted atomic
+    writes (``.NAME.*.tmp``) and every shape side file but ``keep_structure`` (the one the
+    checkpoint names; a newer one was written before a checkpoint the kill prevented, an older
+    one was about to be removed)."""
+    for stale in out.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+    for side in out.glob("structure-*.safetensors"):
+        if side.name != keep_structure:
+            side.unlink(missing_ok=True)
 
 
 @dataclass
@@ -87,6 +101,8 @@ class RunCheckpoint:
         tree = load_state(self.path)
         try:
             self.structure_file = tree.get("structure_file")
+            if distributed.is_main():
+                tidy(self.out, keep_structure=self.structure_file)
             if self.structure_file:
                 prune.load_structured(self.out / self.structure_file, run.model)  # in place
                 run.rebuild_optimizer()  # for the reshaped parameters; its state is loaded below
@@ -103,8 +119,22 @@ class RunCheckpoint:
             run.state.wall_seconds = float(timing.get("wall_seconds", run.state.wall_seconds))
             if "dense" in run.state.report:
                 run.state.report["dense"] |= {k: timing[k] for k in _TIMED if k in timing}
+                if any(k not in run.state.report["dense"] for k in _TIMED):  # timing.json lost: measure again
+                    run.state.report["dense"] |= self._dense_timing(run)
         except (KeyError, RuntimeError, TypeError, ValueError) as exc:
             raise SecateursError(f"--resume: {str(self.path)!r} does not match this run's config ({type(exc).__name__}: {exc})") from None
+
+    def _dense_timing(self, run: Run) -> dict[str, Any]:
+        """The timings of the dense model, measured again on the model ``dense.safetensors`` holds."""
+        from safetensors.torch import load_file
+
+        from secateurs import measure
+        from secateurs.experiment.models import build_model
+
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(run.cfg.model.name, input_shape=run.data.input_shape, num_classes=run.data.num_classes)
+        model.load_state_dict(load_file(str(self.out / "dense.safetensors")))
+        return {"latency_ms": measure.measure_latency(model.to(run.device), run.example, runs=30)}
 
     def _timing(self) -> dict[str, Any]:
         try:

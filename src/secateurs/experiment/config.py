@@ -24,6 +24,20 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+DEVICES = "auto, cpu, cuda, cuda:N (N a GPU index from 0), mps"
+"""What ``train.device`` allows."""
+
+
+def check_device_name(value: object) -> str:
+    """``value`` if it spells a ``train.device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``), else ValueError."""
+    if not isinstance(value, str):
+        raise ValueError(f"allowed: {DEVICES}")
+    kind, sep, index = value.partition(":")
+    if value in ("auto", "cpu", "cuda", "mps") or (kind == "cuda" and sep and index.isascii() and index.isdigit()):
+        return value
+    raise ValueError(f"allowed: {DEVICES}")
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -58,6 +72,13 @@ class TrainConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0, description="weight decay")
     nonfinite: Literal["skip", "error", "ignore"] = Field("skip", description="what a step with NaN/Inf gradients does")
     threads: int = Field(1, ge=0, description="torch CPU threads; 1 is fastest for the small built-in models (0: torch's default)")
+    device: str = Field("auto", description="where the whole run lives: auto (cuda if there is a GPU, then mps, else cpu), cpu, cuda, cuda:N or mps")
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device_spelling(cls, value: object) -> str:
+        """The spelling only; whether the machine has that device is checked when the run starts."""
+        return check_device_name(value)
 
 
 class ClipConfig(_Section):

@@ -20,7 +20,7 @@ from secateurs.serialization import atomic_write_bytes, atomic_write_text
 
 
 def cost(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
-    """MACs and CPU latency (median ms of 30 runs) of ``model`` on ``example``."""
+    """MACs and latency (median ms of 30 runs, on the device ``model`` and ``example`` are on) of ``model`` on ``example``."""
     return {
         "macs": measure.count_macs(model, example),
         "latency_ms": measure.measure_latency(model, example, runs=30),
@@ -83,6 +83,7 @@ def build_report(
     wall_seconds: float,
     world_size: int = 1,
     pattern_misfits: Mapping[str, int] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """The report.json dictionary (accuracies are fractions in [0, 1]).
 
@@ -102,6 +103,7 @@ def build_report(
         "model": cfg.model.name,
         "seed": cfg.seed,
         "world_size": world_size,
+        "device": device,
         "dense": dict(dense),
         "final": {
             "accuracy": final_accuracy,
@@ -211,7 +213,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"| MACs | {d['macs']:,} | {f['macs']:,} | {_fewer(d['macs'], f['macs'])} |",
         *_sparse_macs_row(d, p),
         f"| checkpoint bytes | {d['checkpoint_bytes']:,} | {f['checkpoint_bytes']:,} | {_fewer(d['checkpoint_bytes'], f['checkpoint_bytes'], 'smaller')} |",
-        f"| CPU latency (ms, batch {32}) | {d['latency_ms']:.3f} | {f['latency_ms']:.3f} | |",
+        f"| {report.get('device', 'cpu').partition(':')[0].upper()} latency (ms, batch {32}) | {d['latency_ms']:.3f} | {f['latency_ms']:.3f} | |",
         "",
         "Masks do not make dense kernels faster: latency falls only with structured pruning.",
         "",

@@ -26,7 +26,7 @@ __all__ = ["dense_metrics", "final_report"]
 def dense_metrics(run: Run) -> dict[str, Any]:
     """Write ``dense.safetensors`` and measure the model as dense training left it: test and
     validation accuracy, parameters, file size, MACs and latency."""
-    dense_bytes = st_save({k: v.contiguous() for k, v in run.model.state_dict().items()})
+    dense_bytes = st_save({k: v.detach().cpu().contiguous() for k, v in run.model.state_dict().items()})
     if distributed.is_main():
         atomic_write_bytes(run.out / "dense.safetensors", dense_bytes)
     return {
@@ -78,6 +78,7 @@ def final_report(run: Run, *, wall_seconds: float | Callable[[], float]) -> dict
         wall_seconds=wall_seconds,
         world_size=run.world_size,
         pattern_misfits=misfits,
+        device=str(run.device),
     )
     if distributed.is_main():
         reports.write_all(run.out, report, run.log, run.state.history)

@@ -3,7 +3,17 @@
 A run is a sequence of epochs in three phases (dense, prune, finetune). After every epoch the
 whole state (model, optimizer, pruner and schedule, clip rule and log, history, RNG) is written
 atomically to ``checkpoint.safetensors``, so ``secateurs run --resume DIR`` continues a run that
-was killed at any moment and ends with the same weights and report, bit for bit on CPU.
+was killed at any moment and ends with the same weights and report, bit for bit on CPU: from
+epoch 0 if only its config.toml was written, from its last checkpoint, only the final model and
+report if every epoch was done, and nothing at all once report.json is there. A run killed
+before its config.toml was in place leaves at most temporary files, and ``secateurs run
+--out DIR`` accepts such a folder again; a folder with a config.toml is refused by ``--out``
+with the ``--resume`` command that continues it.
+
+The whole run lives on ``train.device`` (:func:`~secateurs.experiment.train.resolve_device`):
+the model, each batch (moved there before its forward pass), the clip rule's state, the masks
+and scores, the metrics and the latency measurement. Files hold CPU tensors, so a run trained
+on a GPU loads, and resumes, anywhere.
 
 Under ``torchrun --nproc-per-node N`` every rank runs this same loop on its shard of each
 epoch's batches (``data.batch_size`` stays the global batch, split evenly over the ranks) with
@@ -28,6 +38,7 @@ its RNG only while it runs, and restores both after.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -41,7 +52,7 @@ import torch
 from secateurs import clip, prune
 from secateurs.errors import SecateursError
 from secateurs.experiment import distributed, reports
-from secateurs.experiment.checkpoint import CHECKPOINT, RunCheckpoint, RunState
+from secateurs.experiment.checkpoint import CHECKPOINT, RunCheckpoint, RunState, tidy
 from secateurs.experiment.config import RunConfig, to_toml
 from secateurs.experiment.data import Dataset, batches, load_dataset
 from secateurs.experiment.models import build_model
@@ -58,12 +69,14 @@ from secateurs.experiment.train import (
     accuracy,
     clipped_optimizer,
     rebuilt_optimizer,
+    run_device,
+    to_device,
     train_epoch,
 )
 from secateurs.prune.schedules import Schedule
 from secateurs.serialization import atomic_write_text
 
-__all__ = ["CHECKPOINT", "EpochPlan", "Interrupted", "Phase", "Run", "RunState", "resume", "start"]
+__all__ = ["CHECKPOINT", "EpochPlan", "Interrupted", "Phase", "Run", "RunState", "finished", "resume", "resume_command", "start"]
 
 
 class Interrupted(Exception):
@@ -92,6 +105,20 @@ def torch_threads(threads: int) -> Iterator[None]:
     finally:
         if threads:
             torch.set_num_threads(previous)
+
+
+@contextmanager
+def own_rng(device: torch.device) -> Iterator[None]:
+    """Run the block on a fork of torch's RNG (the CPU's, and ``device``'s when it is a GPU), restored after."""
+    if device.type == "cuda":
+        with torch.random.fork_rng(devices=[device.index or 0], device_type="cuda"):
+            yield
+    elif device.type == "mps":
+        with torch.random.fork_rng(devices=[0], device_type="mps"):
+            yield
+    else:
+        with torch.random.fork_rng(devices=[]):
+            yield
 
 
 @contextmanager
@@ -129,17 +156,21 @@ class Run:
         self.progress = progress and distributed.is_main()
         self.plan = EpochPlan.from_config(cfg)
         self.world_size = _checked_world_size(cfg)
+        self.device = run_device(cfg.train.device)
+        """Where the whole run lives (``train.device`` resolved on this machine): model, batches,
+        clip rule, masks, scores and metrics; checkpoints hold CPU tensors either way."""
         self.checkpoint = RunCheckpoint(out)
         self.state = RunState()
         self.pruner: prune.Pruner | None = None
         self.surgery: StructuredRounds | None = None  # structured runs: the channel-removing rounds
         self.schedule: Schedule | None = None
         self._ddp: torch.nn.Module | None = None  # self.model in DDP; rebuilt when the model changes
-        with torch_threads(cfg.train.threads), torch.random.fork_rng(devices=[]):
+        with torch_threads(cfg.train.threads), own_rng(self.device):
             self.data: Dataset = load_dataset(cfg.data)
-            torch.random.default_generator.manual_seed(cfg.seed)  # the model's initial weights
+            torch.random.default_generator.manual_seed(cfg.seed)  # the model's initial weights, the same on every device
             self.model = build_model(cfg.model.name, input_shape=self.data.input_shape, num_classes=self.data.num_classes)
-            self.example = self.data.val.x[:32]
+            self.model.to(self.device)
+            self.example = self.data.val.x[:32].to(self.device)
             self.rule = clip.build(cfg.clip.method, **cfg.clip.params())
             self.log = clip.ClipLog()
             if cfg.prune.kind == "unstructured":
@@ -162,7 +193,7 @@ class Run:
 
         torch's thread count and RNG are the run's own while it executes and restored after.
         """
-        with torch_threads(self.cfg.train.threads), torch.random.fork_rng(devices=[]):
+        with torch_threads(self.cfg.train.threads), own_rng(self.device):
             if resume:
                 self.restore()
             if self.state.rng is not None:
@@ -261,8 +292,8 @@ class Run:
         n = self.cfg.prune.score_batches
         if self.surgery is not None:
             # unsharded: every rank scores the same batches, so every rank removes the same channels
-            return list(islice(batches(self.data.train, self.cfg.data.batch_size, seed=seed), n))
-        return islice(self._batches(seed), n)  # this rank's share; the pruner all-reduces scores
+            return [to_device(b, self.device) for b in islice(batches(self.data.train, self.cfg.data.batch_size, seed=seed), n)]
+        return (to_device(b, self.device) for b in islice(self._batches(seed), n))  # this rank's share; the pruner all-reduces scores
 
     def rebuild_optimizer(self) -> None:
         """A new optimizer for the model's current parameters (after surgery, or a restored
@@ -311,35 +342,76 @@ def _not_empty(out: Path) -> SecateursError:
     if (out / "report.json").is_file():
         return SecateursError(f"{where}: it holds a finished run; allowed: a new or empty folder")
     if (out / "config.toml").is_file():
-        return SecateursError(f"{where}: it holds an unfinished run; allowed: a new or empty folder, or continue that run with: secateurs run --resume {out}")
+        return SecateursError(
+            f"{where}: it holds an unfinished run; allowed: a new or empty folder, "
+            f"or continue that run with: {resume_command(out)}"
+        )
     return SecateursError(f"{where}; allowed: a new or empty folder")
 
 
-def start(cfg: RunConfig, out: Path, *, progress: bool = True, started: float | None = None) -> dict[str, Any]:
-    """A new run: create ``out`` (it must be empty or absent), write the config, execute.
+def resume_command(out: Path) -> str:
+    """The command that continues the run in ``out`` (under torchrun: with as many ranks)."""
+    world = distributed.world_size() if distributed.world_size() > 1 else int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        return f"torchrun --nproc-per-node {world} -m secateurs run --resume {out}"
+    return f"secateurs run --resume {out}"
 
-    ``started`` (a ``time.perf_counter()`` value) is when the wall time starts counting
-    (default: when the run is built). Under ``torchrun`` every rank calls this; they join one
-    process group for the run.
+
+def _only_partial_files(out: Path) -> bool:
+    """Whether ``out`` holds nothing but temporary files of atomic writes (``.NAME.*.tmp``): what
+    a run killed before its config.toml was in place leaves. Such a folder counts as empty."""
+    return all(p.is_file() and p.name.startswith(".") and p.name.endswith(".tmp") for p in out.iterdir())
+
+
+def start(cfg: RunConfig, out: Path, *, progress: bool = True, started: float | None = None) -> dict[str, Any]:
+    """A new run: create ``out`` (it must be absent, empty, or hold only the temporary files of a
+    run killed before it wrote its config), write the config, execute.
+
+    A folder holding a run's ``config.toml`` is refused with the ``--resume`` command that
+    continues it (see :func:`resume`). ``started`` (a ``time.perf_counter()`` value) is when
+    the wall time starts counting (default: when the run is built). Under ``torchrun`` every
+    rank calls this; they join one process group for the run.
     """
     with distributed.process_group():
         _checked_world_size(cfg)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if out.exists() and (not out.is_dir() or not _only_partial_files(out)):
             raise _not_empty(out)
-        run = Run(cfg, out, progress=progress, started=started)  # bad data or model fails here, before anything is written
+        run = Run(cfg, out, progress=progress, started=started)  # bad data, model or device fails here, before anything is written
         distributed.barrier()  # every rank has looked before rank 0 writes
         if distributed.is_main():
             try:
                 out.mkdir(parents=True, exist_ok=True)
+                tidy(out)
                 atomic_write_text(out / "config.toml", to_toml(cfg))
             except OSError as exc:
                 raise SecateursError(f"--out: cannot write to {str(out)!r} ({exc.strerror})") from None
         return run.execute()
 
 
+def finished(out: Path) -> dict[str, Any] | None:
+    """The report of the finished run in ``out`` (``report.json`` is written last), else None."""
+    try:
+        report = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) else None
+
+
 def resume(out: Path, *, progress: bool = True, started: float | None = None) -> dict[str, Any]:
-    """Continue the run in ``out`` from its last epoch checkpoint (from epoch 0 if it was
-    stopped before its first epoch was saved)."""
+    """Continue the run in ``out`` wherever it was killed, to the files an uninterrupted run
+    writes (bit for bit on CPU, timings aside):
+
+    - config.toml but no checkpoint (killed before its first epoch ended): from epoch 0;
+    - a checkpoint: from the epoch after it (also when every epoch is done but the final
+      model or report is missing: only the end is redone);
+    - report.json (finished): nothing is run; leftovers of the kill are removed and the
+      report is returned (:func:`finished` tells the two apart).
+
+    Temporary files of interrupted writes, and shape side files no checkpoint names, are
+    removed first. A folder without config.toml cannot be continued (the config is not known);
+    one that holds only temporary files (killed before the config was written) is accepted
+    by ``secateurs run CONFIG --out DIR`` again, and the error says so.
+    """
     from secateurs.experiment.config import load_config
 
     if not out.exists():
@@ -347,18 +419,26 @@ def resume(out: Path, *, progress: bool = True, started: float | None = None) ->
     if not out.is_dir():
         raise SecateursError(f"--resume: {str(out)!r} is not a folder; allowed: the folder of an earlier secateurs run")
     if not (out / "config.toml").is_file():
+        if _only_partial_files(out):
+            raise SecateursError(
+                f"--resume: {str(out)!r} holds no config.toml: the run was stopped before it wrote its config, so there "
+                f"is nothing to continue; allowed: start it again with: secateurs run CONFIG --out {out} "
+                "(a folder holding only such temporary files is accepted)"
+            )
         raise SecateursError(
             f"--resume: {str(out)!r} holds no config.toml, so it is not the folder of a secateurs run; "
             "allowed: a folder that secateurs run --out wrote"
         )
-    if (out / "report.json").is_file():  # killed after the last file was written: nothing to redo
-        try:
-            return json.loads((out / "report.json").read_text())
-        except json.JSONDecodeError:
-            pass
+    report = finished(out)
+    if report is not None:  # killed after the last file was written: nothing to redo
+        if os.environ.get("RANK", "0") == "0":  # no process group is started for this
+            tidy(out)
+        return report
     cfg = load_config(out / "config.toml")
     with distributed.process_group():
-        if distributed.is_main():  # temporary files of writes a kill interrupted
-            for stale in out.glob(".*.tmp"):
-                stale.unlink(missing_ok=True)
-        return Run(cfg, out, progress=progress, started=started).execute(resume=(out / CHECKPOINT).is_file())
+        run = Run(cfg, out, progress=progress, started=started)
+        distributed.barrier()  # every rank has built its run (and read the folder) before rank 0 tidies it
+        has_checkpoint = (out / CHECKPOINT).is_file()
+        if distributed.is_main() and not has_checkpoint:
+            tidy(out)  # checkpoint.restore tidies around the file it reads
+        return run.execute(resume=has_checkpoint)

@@ -41,6 +41,7 @@ from secateurs import prune
 from secateurs.errors import SecateursError
 from secateurs.experiment.config import RunConfig, to_toml, validate
 from secateurs.experiment.data import Dataset, Split, batches
+from secateurs.experiment.train import device_of, run_device, to_device
 from secateurs.serialization import atomic_write_bytes, atomic_write_text
 
 LADDER = (0.25, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
@@ -69,8 +70,10 @@ class Evaluation:
 @torch.no_grad()
 def _evaluate_split(model: nn.Module, split: Split, batch_size: int = 512) -> tuple[float, float]:
     model.eval()
+    device = device_of(model)
     correct, loss = 0, 0.0
-    for x, y in batches(split, batch_size):
+    for batch in batches(split, batch_size):
+        x, y = to_device(batch, device)
         out = model(x)
         correct += int((out.argmax(dim=1) == y).sum())
         loss += float(F.cross_entropy(out, y, reduction="sum"))
@@ -216,6 +219,7 @@ def analyse(cfg: RunConfig, out: Path, *, progress: bool = True) -> dict[str, An
     data = load_dataset(cfg.data)  # a bad dataset or model fails here, before anything is written
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.name, input_shape=data.input_shape, num_classes=data.num_classes)
+    model.to(run_device(cfg.train.device))  # the probes run where the dense run trains (train.device)
     if out.exists() and any(out.iterdir()) and not (out / "dense").is_dir():
         raise SecateursError(f"--out: {str(out)!r} is not empty; allowed: a new or empty folder, or an earlier sensitivity run's")
     try:

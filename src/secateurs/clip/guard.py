@@ -223,15 +223,18 @@ class StepGuard:
         """(param, its state before, after) for each param whose state changed structure."""
         state = optimizer.state
         changed = []
-        tracing = torch.compiler.is_compiling()
+        real: dict[Tensor, bool] = {}
+        if torch.compiler.is_compiling():
+            # Dynamo creates a torch optimizer's state while tracing (its _init_group runs for
+            # real), out of the traced view of `state`: ask the real optimizer what has state
+            flat = [p for group in optimizer.param_groups for p in group["params"]]
+            real = dict(zip(flat, _with_state(optimizer), strict=True))
         for p, entry in cap.before.items():
-            if entry is None and tracing:
-                # Dynamo creates a torch optimizer's state while tracing (its _init_group runs
-                # eagerly), out of the traced view of `state`: a param without state before a
-                # compiled step may have state after it, to drop if the step was skipped
-                changed.append((p, None, None))
-                continue
             now = state.get(p, {})  # `state` is a defaultdict: never index absent params
+            if entry is None and real:
+                if now or real.get(p, False):  # created by this compiled step: drop on a skip
+                    changed.append((p, None, None))
+                continue
             if entry is None:
                 if now:
                     changed.append((p, None, dict(now)))
@@ -241,6 +244,16 @@ class StepGuard:
             ):
                 changed.append((p, entry, dict(now)))
         return changed
+
+
+def _with_state(optimizer: torch.optim.Optimizer) -> tuple[bool, ...]:
+    """Whether each parameter (in ``param_groups`` order) has optimizer state; called by
+    Dynamo with the real optimizer while it traces (see ``wrap._settle_while_tracing``)."""
+    state = optimizer.state
+    return tuple(p in state for group in optimizer.param_groups for p in group["params"])
+
+
+_with_state._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _host_flag(ok: Tensor) -> tuple[Tensor, Any]:

@@ -82,7 +82,11 @@ def _pick(p: torch.Tensor | None, grad: bool) -> torch.Tensor | None:
 
 
 def _rows(t: torch.Tensor, dim: int, idxs: torch.Tensor) -> torch.Tensor:
-    """Slices of ``t`` at ``idxs`` along ``dim``, one row per index: shape (len(idxs), -1)."""
+    """Slices of ``t`` at ``idxs`` along ``dim``, one row per index: shape (len(idxs), -1).
+    All of them in order (the usual case) is a view of ``t`` along dim 0, not a copy."""
+    n = t.shape[dim]
+    if len(idxs) == n and bool((idxs == torch.arange(n)).all()):
+        return t.movedim(dim, 0).reshape(n, -1)
     return t.index_select(dim, idxs.to(t.device)).movedim(dim, 0).reshape(len(idxs), -1)
 
 
@@ -271,7 +275,11 @@ class GroupMagnitude(GroupCriterion):
     def __call__(self, group: tp.Group) -> torch.Tensor | None:
         def score(i: int, module: nn.Module, idxs: torch.Tensor) -> torch.Tensor | None:
             rows = channel_rows(module, idxs, role(group, i))
-            return sum(r.abs().pow(self.p).sum(1) for r in rows) if rows else None
+            if not rows:
+                return None
+            if self.p == 2:  # one pass, no |w| temporary
+                return sum(torch.linalg.vecdot(r, r) for r in rows)
+            return sum(r.abs().pow(self.p).sum(1) for r in rows)
 
         return _scatter(group, score)
 

@@ -143,8 +143,10 @@ def structured(
 ) -> nn.Module:
     """Return a physically smaller copy of ``model`` with whole channels/neurons/heads removed.
 
-    ``model`` itself is not modified (the result is a pruned deep copy; build a new optimizer for
-    it). Exactly one of:
+    ``model`` itself is not modified (the result is a pruned deep copy that shares no tensor with
+    it; build a new optimizer for it). With a data-free criterion the copy borrows ``model``'s
+    tensors while it is traced and cut (the model runs in eval mode, nothing writes to them) and
+    clones the ones surgery left, so the copy costs about the kept tensors only. Exactly one of:
 
     - ``sparsity`` in (0, 1): the fraction of channels removed, relative to the original model.
       ``scope="layer"``: from every prunable group (as Torch-Pruning's ``pruning_ratio``);
@@ -183,7 +185,15 @@ def structured(
     Attention (``nn.MultiheadAttention``) is pruned by whole heads; since the module ties
     ``embed_dim`` to ``num_heads * head_dim``, removing a head removes ``head_dim`` channels of
     everything coupled with its embedding (the residual stream of a Transformer block).
-    Recurrent layers lose hidden units (the same units in every stacked layer).
+    Recurrent layers lose hidden units (the same units in every stacked layer). A fused ``qkv``
+    attention (timm's ``Attention``, torchvision's Swin) loses whole heads from q, k and v alike,
+    and its ``num_heads`` (and ``attn_dim``) follow; its residual stream (the embedding width)
+    is pruned too unless excluded (``exclude=["patch_embed"]`` keeps a timm ViT's width).
+    torchvision's ``VisionTransformer.hidden_dim`` follows its ``conv_proj``. A grouped
+    convolution (ResNeXt, RegNet) loses the same positions in every group, so ``groups`` stays
+    as it was and each group shrinks alike. Channel shuffles (ShuffleNet) are refused:
+    Torch-Pruning's graph maps shuffled channels wrongly, and the model it returned would keep
+    its output shape while computing something else.
 
     ``ratio``, ``ignore`` and ``max_layer_ratio`` are the old names of ``sparsity``, ``exclude``
     and ``max_layer_sparsity``; they still work in 0.2, with a DeprecationWarning.

@@ -103,6 +103,21 @@ def test_a_bert_folder_with_neurons_removed_round_trips(folders: dict[str, Path]
         assert torch.equal(loaded(**x).last_hidden_state, direct(**x).last_hidden_state)
 
 
+def test_a_bert_folder_with_heads_and_the_same_share_of_hidden_size_removed_round_trips(
+        folders: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "pruned"
+    code, _, stderr = _prune(str(folders["bert"]), "--kind", "structured", "--heads", "0.25", "--hidden", "0.25",
+                             "--neurons", "0", "--criterion", "magnitude", "--out", str(out))
+    assert code == 0, stderr
+    loaded = transformers.AutoModel.from_pretrained(out).eval()
+    assert (loaded.config.hidden_size, loaded.config.num_attention_heads) == (24, 3)
+    dense = transformers.AutoModel.from_pretrained(folders["bert"]).eval()
+    direct = prune.structured_transformer(dense, heads=0.25, hidden=0.25, neurons=0.0)
+    x = {"input_ids": torch.randint(0, 1000, (2, 8), generator=torch.Generator().manual_seed(0))}
+    with torch.no_grad():
+        assert torch.equal(loaded(**x).last_hidden_state, direct(**x).last_hidden_state)
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--kind", "pruned", "--sparsity", "0.5"], "--kind: got 'pruned'; allowed: oneshot, structured"),
     (["--kind", "structured", "--sparsity", "0.5", "--criterion", "l1"], "--criterion: got 'l1'"),

@@ -322,6 +322,7 @@ def prune_command(
     reconstruct: Annotated[str | None, typer.Option("--reconstruct", help="structured: bias (FLAP) or lstsq, the next layer absorbs what was removed")] = None,
     heads: Annotated[float | None, typer.Option("--heads", help="structured: fraction of heads removed (overrides --sparsity; 0 keeps them)")] = None,
     neurons: Annotated[float | None, typer.Option("--neurons", help="structured: fraction of MLP neurons removed (overrides --sparsity)")] = None,
+    hidden: Annotated[float | None, typer.Option("--hidden", help="structured: fraction of the hidden size (residual width) removed; default none")] = None,
     recover_steps: Annotated[int, typer.Option("--recover-steps", help="structured: distillation steps from the dense model on the calibration data")] = 0,
     recover_lr: Annotated[float, typer.Option("--recover-lr", help="structured: AdamW learning rate of the recovery step")] = 1e-4,
     clip_rule: Annotated[str, typer.Option("--clip", help="structured: clipping rule of the recovery step (a secateurs.clip name, or none)")] = "global_norm",
@@ -356,6 +357,7 @@ def prune_command(
             model, calibration=calibration, evaluation=evaluation, sparsity=sparsity, heads=heads, neurons=neurons,
             criterion=criterion, reconstruct=reconstruct, recover_steps=recover_steps, recover_lr=recover_lr,
             clip_rule=clip_rule, max_norm=max_norm, seq_len=seq_len, samples=samples, batch_size=batch_size, out=out,
+            hidden=hidden,
         )
         agree = "".join(f", {k} {v:.4f}" for k, v in done["quality"].get("agreement", {}).items())
         typer.echo(f"structured: {done['record']['sparsity']:.4f} of the heads and neurons removed{agree}; wrote {out}/")

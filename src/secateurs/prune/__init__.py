@@ -16,7 +16,8 @@ Where things live:
   :func:`structured_transformer` (whole heads / KV groups and MLP neurons of Transformers,
   ``save_pretrained``-ready; criteria in :data:`UNIT_CRITERIA`).
 - :mod:`~secateurs.prune.calibration`: one-shot pruning of a trained model from calibration
-  data, :func:`oneshot` (Wanda, SparseGPT, OWL; block by block).
+  data, :func:`oneshot` (Wanda, SparseGPT, OWL; block by block), and :func:`oneshot_streamed`
+  (blocks read from a safetensors file one at a time).
 
 >>> import torch
 >>> from torch import nn
@@ -32,7 +33,7 @@ Where things live:
 """
 
 from secateurs.prune import schedules
-from secateurs.prune.calibration import OWL, OneshotResult, oneshot
+from secateurs.prune.calibration import OWL, OneshotResult, empty_weights, oneshot, oneshot_streamed
 from secateurs.prune.checkpoint import (
     inspect_checkpoint,
     load,
@@ -76,12 +77,14 @@ __all__ = [
     "Target",
     "apply_masks_",
     "check_pretrained",
+    "empty_weights",
     "find_targets",
     "inspect_checkpoint",
     "load",
     "load_structured",
     "make_criterion",
     "oneshot",
+    "oneshot_streamed",
     "pruning_record",
     "read_checkpoint",
     "read_metadata",

@@ -320,11 +320,7 @@ def _collect(model: nn.Module, parts: Sequence[Part], batches: Sequence[Batch], 
 
     def hook_for(part: Part) -> Callable[..., None]:
         def hook(_module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            mask = valid[0]
-            if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
-                x = x[mask.to(x.device)]
-            x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+            x = _valid_rows(args[0], valid[0])
             s = stats.get(part.name + "/" + part.kind)
             if s is None:
                 c = x.shape[1]
@@ -660,6 +656,15 @@ def _residual_sites(model: nn.Module, width: int) -> tuple[list[tuple[nn.Paramet
     return sites, norms
 
 
+def _valid_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A layer input as float64 rows of its last dim, without the padding positions ``mask``
+    leaves out (when ``mask`` has the input's leading shape)."""
+    x = x.detach()
+    if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+        x = x[mask.to(x.device)]
+    return x.reshape(-1, x.shape[-1]).to(torch.float64)
+
+
 def _residual_energy(model: nn.Module, norms: Sequence[nn.Module], batches: Sequence[Batch]) -> torch.Tensor:
     """Mean over the norms' inputs (the residual stream before every block part and at the end)
     of ``E[x_d^2]`` per hidden dim, padding skipped."""
@@ -668,11 +673,7 @@ def _residual_energy(model: nn.Module, norms: Sequence[nn.Module], batches: Sequ
     valid: list[torch.Tensor | None] = [None]
 
     def hook(_module: nn.Module, args: tuple) -> None:
-        x = args[0].detach()
-        mask = valid[0]
-        if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
-            x = x[mask.to(x.device)]
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        x = _valid_rows(args[0], valid[0])
         total.append(x.square().sum(0).cpu())
         rows[0] += x.shape[0]
 

@@ -14,6 +14,12 @@ from safetensors.torch import load_file
 
 torch.set_num_threads(1)
 
+if not torch.cuda.is_available():
+    # Triton reads it when first imported, and with a CUDA build of torch other tests import it
+    # (through torch.compile) before test_clip_fused.py can set it: without a GPU, Triton
+    # kernels run only through its interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 """CI installs every optional dependency (torchvision, timm, transformers, the three Keras
 backends, the MiniLM wheel...), so there a skip can only mean a missing accelerator."""

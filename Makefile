@@ -27,7 +27,7 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests bench
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 -q --durations=25
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests bench

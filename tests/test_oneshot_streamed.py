@@ -41,6 +41,7 @@ def _batches() -> list[dict[str, torch.Tensor]]:
 @pytest.mark.parametrize(("method", "options", "tie"), [
     ("sparsegpt", {"sparsity": 0.5}, False),
     ("sparsegpt", {"pattern": "2:4", "exclude": ["lm_head"]}, False),
+    ("sparsegpt", {"pattern": "2:4", "exclude": ["lm_head"], "dense_targets": True, "refine": 5}, False),
     ("wanda", {"sparsity": 0.6}, True),
     ("magnitude", {"sparsity": 0.5}, False),
 ])

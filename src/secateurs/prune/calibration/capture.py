@@ -254,13 +254,66 @@ def _capture(model: nn.Module, block: nn.Module, batches: Sequence[Batch], offlo
     return stored
 
 
+@dataclass
+class _Dense:
+    """The dense twin of the block being pruned: a copy taken before any of its groups was
+    pruned, its inputs in the dense model, and its modules by the id of the pruned original."""
+
+    block: nn.Module
+    inputs: _Inputs
+    twin: dict[int, nn.Module]
+
+    @classmethod
+    def of(cls, block: nn.Module, inputs: _Inputs) -> _Dense:
+        import copy
+
+        saved = block._forward_pre_hooks, block._forward_hooks  # the stream's load / unload hooks stay behind
+        block._forward_pre_hooks, block._forward_hooks = type(saved[0])(), type(saved[1])()
+        try:
+            twin = copy.deepcopy(block)
+        finally:
+            block._forward_pre_hooks, block._forward_hooks = saved
+        pairs = dict(zip((id(m) for m in block.modules()), twin.modules(), strict=True))
+        return cls(twin, inputs, pairs)
+
+    def inputs_of(self, targets: Sequence[Target], call: tuple[tuple, dict]) -> dict[str, torch.Tensor]:
+        """One batch through the dense twin: every target's input there, by target name."""
+        found: dict[str, torch.Tensor] = {}
+        wanted = {t.name for t in targets}
+        handles = []
+
+        def grab(name: str) -> Callable[..., None]:
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                x = args[0] if args else kwargs.get("input")
+                if isinstance(x, torch.Tensor) and name not in found:
+                    found[name] = x.detach()
+                if wanted <= set(found):
+                    raise _Stop
+            return hook
+
+        for t in targets:
+            handles.append(self.twin[id(t.module)].register_forward_pre_hook(grab(t.name), with_kwargs=True))
+        device = _device_of(self.block)
+        args, kwargs = call
+        try:
+            with contextlib.suppress(_Stop):
+                self.block(*to_device(args, device), **to_device(kwargs, device))
+        finally:
+            for h in handles:
+                h.remove()
+        return found
+
+
 def _run_block(block: nn.Module, inputs: _Inputs, batches: Sequence[Batch], recorder: Recorder | None,
-               keep_outputs: bool, offload: torch.device | str | None) -> _Inputs:
+               keep_outputs: bool, offload: torch.device | str | None, dense: _Dense | None = None,
+               targets: Sequence[Target] = ()) -> _Inputs:
     device = _device_of(block)
     outputs = _Inputs()
-    for (args, kwargs), batch in zip(inputs.calls, batches, strict=True):
+    for i, ((args, kwargs), batch) in enumerate(zip(inputs.calls, batches, strict=True)):
         if recorder is not None:
             recorder.valid = batch.valid
+            if dense is not None:
+                recorder.dense = dense.inputs_of(targets, dense.inputs.calls[i])
         try:
             out = block(*to_device(args, device), **to_device(kwargs, device))
         except StopForward:
@@ -307,6 +360,7 @@ def calibrate(
     on_unit: Callable[[Unit], None] | None = None,
     load: Callable[[Unit], None] | None = None,
     unload: Callable[[Unit], None] | None = None,
+    dense: bool = False,
 ) -> None:
     """Calibrate and prune ``units`` in order, each on the outputs of the pruned ones before it.
 
@@ -317,23 +371,33 @@ def calibrate(
     v), each group on the outputs of the groups pruned before it, so only one group's
     statistics are held at a time. ``load`` / ``unload`` are called around every block (the
     streamed model's weights are read in and written out there).
+
+    With ``dense``, each block also runs as it was before pruning (a copy) on its inputs in the
+    dense model, and the statistics add ``X^T X_dense`` (:attr:`InputStats.cross`). The dense
+    inputs are known for a block the model reaches before anything is pruned and for the
+    blocks chained after it; other units get no cross term.
     """
     carry: _Inputs | None = None
+    dense_carry: _Inputs | None = None
+    pruned_any = False
     for pos, unit in enumerate(units):
         if unit.block is not None and unit.seen:
             if load is not None:
                 load(unit)
             if carry is None or not unit.chained:
                 carry = _capture(model, unit.block, batches, offload)
+                dense_carry = carry if not pruned_any else None
+            twin = _Dense.of(unit.block, dense_carry) if dense and dense_carry is not None else None
             remaining = [t for t in unit.targets if supports(t)]
             while remaining:
                 recorder = Recorder(remaining, hessian=hessian, absolute=absolute, one_group=True)
                 with recorder.record():
-                    _run_block(unit.block, carry, batches, recorder, False, offload)
+                    _run_block(unit.block, carry, batches, recorder, False, offload, twin, remaining)
                 group = [t for t in remaining if t.name in recorder.group]
                 if not group:
                     break
                 prune_unit(unit, group, recorder.stats)
+                pruned_any = True
                 del recorder
                 pruned = {t.name for t in group}
                 remaining = [t for t in remaining if t.name not in pruned]
@@ -341,20 +405,24 @@ def calibrate(
             rest = [t for t in unit.targets if t.name not in done]
             if rest:
                 prune_unit(unit, rest, {})
+                pruned_any = True
             following = units[pos + 1] if pos + 1 < len(units) else None
             if following is not None and following.chained and following.seen:
                 carry = _run_block(unit.block, carry, batches, None, True, offload)
+                dense_carry = None if twin is None else _run_block(twin.block, twin.inputs, batches, None, True, offload)
             else:
-                carry = None
+                carry = dense_carry = None
+            del twin
             if unload is not None:
                 unload(unit)
         else:
-            carry = None
+            carry = dense_carry = None
             recorder = Recorder(unit.targets, hessian=hessian, absolute=absolute)
             if unit.seen and unit.targets:
                 with recorder.record():
                     _run_until(model, unit.targets[0].module, batches, recorder)
             prune_unit(unit, unit.targets, recorder.stats)
+            pruned_any = pruned_any or bool(unit.targets)
         if on_unit is not None:
             on_unit(unit)
 

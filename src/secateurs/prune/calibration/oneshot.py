@@ -64,6 +64,8 @@ def oneshot(
     exclude: Iterable[str | type[nn.Module]] = (),
     damping: float = 0.01,
     block_size: int = 128,
+    refine: int = 0,
+    dense_targets: bool = False,
     offload: torch.device | str | None = None,
     progress: bool = False,
 ) -> OneshotResult:
@@ -90,6 +92,16 @@ def oneshot(
         damping: SparseGPT dampening, a fraction of ``mean(diag H)``; it grows tenfold while the
             Cholesky factorisation fails, and the result says so per layer.
         block_size: SparseGPT's column block.
+        refine: SparseGPT only, beyond the paper: once a layer's mask is chosen, its kept
+            weights are re-solved to the least-squares optimum for that mask (of the same
+            objective SparseGPT minimises) by up to ``refine`` conjugate-gradient iterations
+            (Boza 2024 does it by ADMM); see :mod:`~secateurs.prune.calibration.sparsegpt`.
+        dense_targets: SparseGPT only, beyond the paper: every layer of a block is calibrated
+            to reproduce the *dense* model's output ``W X_dense`` from its inputs in the partly
+            pruned model, so that it corrects the error of what was pruned before it. The
+            dense block runs beside the pruned one (a copy of one block, and the block's dense
+            activations beside the pruned ones). Layers outside the blocks, and blocks whose
+            inputs are not the previous block's outputs, keep the published target.
         offload: device holding the calibration activations (e.g. ``"cpu"`` for a model on GPU).
         progress: a progress bar per block.
 
@@ -103,7 +115,8 @@ def oneshot(
     """
     return _oneshot(model, calibration, method=method, sparsity=sparsity, pattern=pattern, group=group, owl=owl,
                     sparsities=sparsities, targets=targets, exclude=exclude, damping=damping,
-                    block_size=block_size, offload=offload, progress=progress, stream=None)
+                    block_size=block_size, refine=refine, dense_targets=dense_targets, offload=offload,
+                    progress=progress, stream=None)
 
 
 def oneshot_streamed(
@@ -148,8 +161,8 @@ def _oneshot(
     sparsity: float | None = None, pattern: str | tuple[int, int] | None = None, group: str = "row",
     owl: bool | OWL = False, sparsities: Mapping[str, float] | None = None,
     targets: Iterable[str | type[nn.Module]] | None = None, exclude: Iterable[str | type[nn.Module]] = (),
-    damping: float = 0.01, block_size: int = 128, offload: torch.device | str | None = None,
-    progress: bool = False, stream: Streamed | None = None,
+    damping: float = 0.01, block_size: int = 128, refine: int = 0, dense_targets: bool = False,
+    offload: torch.device | str | None = None, progress: bool = False, stream: Streamed | None = None,
 ) -> OneshotResult:
     started = time.perf_counter()
     method = check_choice(method, "method", METHODS)
@@ -177,6 +190,10 @@ def _oneshot(
     check(isinstance(damping, int | float) and not isinstance(damping, bool) and damping >= 0
           and math.isfinite(damping), "damping", damping, "a number >= 0 (a fraction of mean(diag H))")
     check_int(block_size, "block_size", minimum=1)
+    check_int(refine, "refine", minimum=0)
+    check(isinstance(dense_targets, bool), "dense_targets", dense_targets, "True or False")
+    check(not ((refine or dense_targets) and method != "sparsegpt"), "method", method,
+          "sparsegpt with refine or dense_targets (they change its weight update)")
     chosen = find_targets(model, targets, exclude)
     needs_data = method != "magnitude" or bool(owl_config)
     if calibration is None:
@@ -200,7 +217,8 @@ def _oneshot(
                 for t in unit.targets:
                     per_layer[t.name] = s
         per_layer.update(_by_hand(chosen, sparsities or {}))
-        options = {"pattern": nm, "group": group, "damping": float(damping), "block_size": block_size}
+        options = {"pattern": nm, "group": group, "damping": float(damping), "block_size": block_size,
+                   "refine": refine}
         if group == "global":
             stats = {} if batches is None or method == "magnitude" else _dense_stats(
                 model, chosen, batches, absolute=method == "activation")
@@ -212,7 +230,8 @@ def _oneshot(
         else:
             assert units is not None
             result.units = [u.name for u in units]
-            _sequential(model, batches, units, result, method, per_layer, options, offload, progress, stream)
+            _sequential(model, batches, units, result, method, per_layer, options, offload, progress, stream,
+                        dense_targets)
     result.seconds = time.perf_counter() - started
     return result
 
@@ -326,6 +345,8 @@ def _prune(target: Target, stats: InputStats | None, method: str, sparsity: floa
         pruned, inverse = sparsegpt(
             matrix, stats.hessian, sparsity=sparsity, pattern=options["pattern"], group=options["group"],
             damping=options["damping"], block_size=options["block_size"], run=run, name=target.name,
+            cross=stats.cross if stats.cross is not None and stats.cross_rows == stats.rows else None,
+            refine=options["refine"],
         )
         damping, attempts = inverse.damping, inverse.attempts
     else:
@@ -376,7 +397,7 @@ def _prune_global(targets: list[Target], stats: dict[str, InputStats], method: s
 
 def _sequential(model: nn.Module, batches: list[Batch], units: list[Unit], result: OneshotResult, method: str,
                 per_layer: dict[str, float], options: dict[str, Any], offload: torch.device | str | None,
-                progress: bool, stream: Streamed | None = None) -> None:
+                progress: bool, stream: Streamed | None = None, dense_targets: bool = False) -> None:
     def prune_unit(unit: Unit, targets: list[Target], stats: dict[str, InputStats]) -> None:
         for t in targets:
             result.layers.append(_prune(t, stats.get(t.name), method, per_layer[t.name], unit.name, options))
@@ -393,7 +414,8 @@ def _sequential(model: nn.Module, batches: list[Batch], units: list[Unit], resul
                 bar.update(task, advance=1, description=f"oneshot {method}: {unit.name}")
 
         calibrate(model, batches, units, prune_unit, hessian=True, absolute=method == "activation",
-                  offload=offload, on_unit=on_unit, load=None if stream is None else stream.load,
+                  offload=offload, on_unit=on_unit, dense=dense_targets,
+                  load=None if stream is None else stream.load,
                   unload=None if stream is None else stream.unload)
     order = {t: i for i, t in enumerate(n for u in units for n in (x.name for x in u.targets))}
     result.layers.sort(key=lambda layer: order.get(layer.name, len(order)))

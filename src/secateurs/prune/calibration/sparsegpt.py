@@ -8,6 +8,21 @@ blocks of ``block_size`` columns with a lazy update of the columns after each bl
 chosen per block by ``w^2 / U_jj^2`` (for ``N:M``, inside every group of M, with the weights as
 updated so far). When the Cholesky factorisation fails, the dampening grows tenfold until it
 succeeds and the caller is told the dampening used: there is no silent fallback.
+
+Two options go beyond the paper, both off by default:
+
+- ``cross`` (``X^T X_dense``: the layer's inputs in the partly pruned model against its inputs
+  in the dense model) makes the target the *dense* model's output ``W X_dense`` rather than
+  ``W X``: the weights are first moved to the least-squares optimum
+  ``W_eff = W cross^T (H + d I)^-1`` (so that ``||W' X - W X_dense||^2`` is
+  ``||(W' - W_eff) X||^2`` plus a constant), and SparseGPT prunes ``W_eff``. Each layer then
+  corrects the error of the layers pruned before it instead of reproducing it.
+- ``refine`` (Boza 2024, "Fast and Optimal Weight Update for Pruned LLMs", which does it by
+  ADMM): once the mask is chosen, the kept weights of every row are re-solved to the exact
+  optimum of SparseGPT's own objective for that mask, ``min ||(W' - W) X||^2 + d ||W' - W||^2``
+  over the kept positions, by preconditioned conjugate gradients started from SparseGPT's
+  weights (at most ``refine`` iterations, every row at once). SparseGPT's column-by-column
+  update is that optimum only for the first column it prunes; the later ones are greedy.
 """
 
 from __future__ import annotations
@@ -20,7 +35,7 @@ import torch
 
 from secateurs.errors import SecateursError
 
-__all__ = ["InverseHessian", "inverse_hessian", "sparsegpt"]
+__all__ = ["InverseHessian", "inverse_hessian", "refine_kept", "sparsegpt"]
 
 _GROWTH = 10.0
 _MAX_ATTEMPTS = 16
@@ -126,6 +141,8 @@ def sparsegpt(
     block_size: int = 128,
     run: int | None = None,
     name: str = "layer",
+    cross: torch.Tensor | None = None,
+    refine: int = 0,
 ) -> tuple[torch.Tensor, InverseHessian]:
     """Pruned and updated copy of ``weight`` (``(out, columns)``, float32), and the inverse used.
 
@@ -133,17 +150,94 @@ def sparsegpt(
     chooses the mask over all rows of a block together (as published), ``"row"`` prunes the same
     fraction of every row in every block. With ``pattern=(n, m)`` every group of ``m``
     consecutive columns (within runs of ``run`` columns) keeps at most ``n`` weights and
-    ``sparsity`` plays no part.
+    ``sparsity`` plays no part. ``cross`` (``X^T X_dense``, on the same scale as ``hessian``)
+    and ``refine`` (conjugate-gradient iterations on the fixed mask) are the module's two
+    options beyond the paper.
     """
     with _one_thread(weight.device):
-        return _sparsegpt(weight, hessian, sparsity, pattern, group, damping, block_size, run, name)
+        w = weight.to(torch.float32, copy=True)
+        if cross is not None:
+            w = dense_target(w, hessian, cross, damping, name=name)
+        pruned, inverse = _sparsegpt(w, hessian, sparsity, pattern, group, damping, block_size, run, name)
+    if refine:
+        pruned = refine_kept(pruned, w, hessian, inverse.damping, iterations=refine)
+    return pruned, inverse
+
+
+def _dampened(hessian: torch.Tensor, damping: float) -> torch.Tensor:
+    h = hessian.to(torch.float32, copy=True)
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1
+    h.diagonal().add_(damping * float(h.diagonal().mean()))
+    return h
+
+
+@torch.no_grad()
+def dense_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damping: float, *,
+                 name: str = "layer") -> torch.Tensor:
+    """``W cross^T (H + d I)^-1``: the weights whose output on the partly pruned model's inputs
+    ``X`` is closest to the dense output ``W X_dense`` (``cross = X^T X_dense``); columns whose
+    inputs were always zero stay as they are.
+
+    >>> h = torch.tensor([[2.0, 1.0], [1.0, 2.0]])
+    >>> dense_target(torch.tensor([[1.0, -1.0]]), h, h, 0.0)  # same inputs: the same weights
+    tensor([[ 1.0000, -1.0000]])
+    """
+    h = hessian.to(torch.float32)
+    dead = h.diagonal() == 0
+    inverse = inverse_hessian(_dampened(hessian, 0.0), damping, name=name)
+    target = (weight.to(torch.float32) @ cross.to(torch.float32).T) @ inverse.factor.T @ inverse.factor
+    target[:, dead] = weight[:, dead].to(torch.float32)
+    return target
+
+
+@torch.no_grad()
+def refine_kept(pruned: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor, damping: float, *,
+                iterations: int = 20, tolerance: float = 1e-6) -> torch.Tensor:
+    """Re-solve the kept (non-zero) weights of ``pruned`` for
+    ``min ||(W' - weight) X||^2 + damping * mean(diag H) * ||W' - weight||^2``, every row on its
+    own mask, by Jacobi-preconditioned conjugate gradients from ``pruned`` (at most
+    ``iterations``; a row stops once its residual is below ``tolerance`` of its start). Zeros
+    stay zero, and the objective never rises above ``pruned``'s.
+
+    >>> h = torch.tensor([[4.0, 2.0, 0.0], [2.0, 3.0, 1.0], [0.0, 1.0, 2.0]])
+    >>> w = torch.tensor([[1.0, 2.0, 3.0]])
+    >>> refine_kept(torch.tensor([[1.0, 0.0, 3.0]]), w, h, 0.0)  # w_S = w_S + H_SS^-1 H_S,~S w_~S
+    tensor([[2., 0., 4.]])
+    """
+    h = _dampened(hessian, damping)
+    w0 = weight.to(torch.float32)
+    x = pruned.to(torch.float32, copy=True)
+    keep = x != 0
+    target = w0 @ h
+    diag = h.diagonal().clamp(min=torch.finfo(torch.float32).tiny)
+    r = (target - x @ h) * keep
+    z = r / diag
+    p = z.clone()
+    rz = (r * z).sum(1)
+    start = rz.clone()
+    for _ in range(iterations):
+        active = rz > tolerance**2 * start
+        if not bool(active.any()):
+            break
+        hp = (p @ h) * keep
+        php = (p * hp).sum(1)
+        alpha = torch.where(active & (php > 0), rz / php.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+        x.addcmul_(alpha.unsqueeze(1), p)
+        r.addcmul_(alpha.unsqueeze(1), hp, value=-1)
+        z = r / diag
+        rz_new = (r * z).sum(1)
+        beta = torch.where(active, rz_new / rz.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+        p = z + beta.unsqueeze(1) * p
+        rz = torch.where(active, rz_new, rz)
+    return x * keep
 
 
 def _sparsegpt(
     weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: tuple[int, int] | None,
     group: str, damping: float, block_size: int, run: int | None, name: str,
 ) -> tuple[torch.Tensor, InverseHessian]:
-    w = weight.to(torch.float32, copy=True)
+    w = weight.clone()
     h = hessian.to(torch.float32, copy=True)
     columns = w.shape[1]
     dead = h.diagonal() == 0

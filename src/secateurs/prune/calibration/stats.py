@@ -109,6 +109,10 @@ class InputStats:
         self._squares = None if hessian else torch.zeros(columns, dtype=torch.float32, device=device)
         self.abs_sum: torch.Tensor | None = torch.zeros(columns, dtype=torch.float32, device=device) if absolute else None
         self.rows = 0
+        self.cross_rows = 0
+        self.cross: torch.Tensor | None = None
+        """``sum x x_dense^T`` (``X^T X_dense``) when the dense model's inputs were given
+        (:meth:`add_cross`), else None; complete only when ``cross_rows == rows``."""
 
     @property
     def square_sum(self) -> torch.Tensor:
@@ -130,6 +134,15 @@ class InputStats:
         if self.abs_sum is not None:
             self.abs_sum = self.abs_sum.to(x.device).add_(x.abs().sum(0))
         self.rows += x.shape[0]
+
+    def add_cross(self, rows: torch.Tensor, dense_rows: torch.Tensor) -> None:
+        """Add ``rows^T dense_rows``: the same positions' inputs in the pruned and the dense model."""
+        x = rows.detach().to(torch.float32)
+        d = dense_rows.detach().to(device=x.device, dtype=torch.float32)
+        if self.cross is None:
+            self.cross = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=x.device)
+        self.cross.addmm_(x.T, d)
+        self.cross_rows += x.shape[0]
 
 
 class StopForward(Exception):
@@ -160,6 +173,9 @@ class Recorder:
         self.group: list[str] = []
         self._source: torch.Tensor | None = None
         self._frozen = False
+        self.dense: dict[str, torch.Tensor] | None = None
+        """The current batch's inputs of the targets in the dense model (target name -> tensor),
+        set by whoever runs the batches: targets found there also sum ``X^T X_dense``."""
 
     def freeze(self) -> None:
         """End of a batch: in ``one_group`` mode the group found so far is the group."""
@@ -199,15 +215,20 @@ class Recorder:
                 x = x.detach()
                 valid = self.valid
                 padded = valid is not None and tuple(x.shape[:-1]) == tuple(valid.shape)
+                dense = None if self.dense is None else self.dense.get(target.name)
                 if isinstance(module, nn.Linear) and padded:
                     assert valid is not None
                     x = x[valid.to(x.device)]
+                    if dense is not None:
+                        dense = dense[valid.to(dense.device)]
                 rows = input_rows(module, x)
                 if stats is None:
                     stats = self.stats[target.name] = InputStats(
                         rows.shape[1], hessian=self._hessian, absolute=self._absolute, device=rows.device
                     )
                 stats.add(rows)
+                if dense is not None:
+                    stats.add_cross(rows, input_rows(module, dense.detach()))
                 if linear:
                     self._last = (source, module.in_features, stats)
 

@@ -172,3 +172,32 @@ def test_import_clip_loads_no_pruning_plotting_or_dtensor_modules() -> None:
     assert seen["layers"] == []
     # no DTensor can exist before torch.distributed.tensor is imported; once it is, it is seen
     assert seen["before"] == "None" and seen["after"] is True
+
+
+def test_a_run_loads_no_timm_torchvision_or_dynamo_yet_timm_models_are_counted_as_torch_pruning_counts_them() -> None:
+    """``secateurs run`` needs Torch-Pruning but not timm (which imports torchvision and
+    torch._dynamo: about 3 s a process); Torch-Pruning's MAC rules for timm's attention still
+    apply to a timm model built afterwards, as they do when timm is imported first."""
+    count = textwrap.dedent(
+        """\
+        import timm, torch
+        attention = timm.models.vision_transformer.Attention(64, num_heads=4)
+        x = torch.zeros(2, 10, 64)
+        """
+    )
+    ours = _modules_after(
+        "import json, sys\n"
+        "import secateurs.experiment.run, secateurs.prune, secateurs.measure, secateurs.cli\n"
+        "loaded = [m for m in ('timm', 'torchvision', 'torch._dynamo') if m in sys.modules]\n"
+        + count
+        + "from secateurs import measure\n"
+        "print(json.dumps({'loaded': loaded, 'macs': measure.count_macs(attention, x),\n"
+        "                  'by_module': measure.count_macs_by_module(attention, x)[0]}))\n"
+    )
+    theirs = _modules_after(
+        count + "import json, torch_pruning as tp\n"
+        "print(json.dumps({'macs': tp.utils.count_ops_and_params(attention, x)[0]}))\n"
+    )
+    assert ours["loaded"] == []
+    linears_only = 10 * (64 + 1) * (3 * 64 + 64)  # qkv and proj per example, with their biases
+    assert ours["macs"] == ours["by_module"] == theirs["macs"] > linears_only  # the attention rule counted too

@@ -16,10 +16,10 @@ import time
 from typing import Any
 
 import torch
-import torch_pruning as tp
-import torch_pruning.utils.op_counter as _op_counter
 from torch import nn
 
+from secateurs._tp import op_counter as _op_counter
+from secateurs._tp import timm_rules, tp
 from secateurs.errors import check
 from secateurs.inputs import forward, plain
 
@@ -58,7 +58,7 @@ _CUSTOM_RULES = {nn.Linear: _linear_macs} | {t: _recurrent_macs for t in (nn.RNN
 def _rule(module: nn.Module) -> Any:
     """Torch-Pruning's MAC rule for a module's exact type (ours first), or None."""
     kind = type(module)
-    return _CUSTOM_RULES.get(kind) or _op_counter.MODULES_MAPPING.get(kind)
+    return _CUSTOM_RULES.get(kind) or _op_counter.MODULES_MAPPING.get(kind) or timm_rules().get(kind)
 
 
 class MacCounter:
@@ -140,7 +140,7 @@ def count_macs_by_module(model: nn.Module, example_inputs: Any) -> tuple[int, di
     >>> total, by_module[net[0]], by_module[net[1]]
     (40, 32.0, 8.0)
     """
-    _op_counter.CUSTOM_MODULES_MAPPING = dict(_CUSTOM_RULES)
+    _op_counter.CUSTOM_MODULES_MAPPING = timm_rules() | _CUSTOM_RULES
     macs, _, per_module, _ = tp.utils.count_ops_and_params(model, plain(example_inputs), layer_wise=True)
     whole = per_module.get(model) or 0
     scale = macs / whole if whole else 1.0

@@ -32,6 +32,7 @@ Where things live:
 0.9
 """
 
+from secateurs import _tp  # noqa: F401  (first: Torch-Pruning without timm, see secateurs._tp)
 from secateurs.prune import schedules
 from secateurs.prune.calibration import OWL, OneshotResult, empty_weights, oneshot, oneshot_streamed
 from secateurs.prune.checkpoint import (

@@ -32,15 +32,14 @@ def _pruned_model(optimizer, sparsity=0.8, **kw):
     ids=["sgd-momentum", "adam", "adamw"],
 )
 def test_pruned_weights_never_revive_over_100_steps(make):
-    x, y = data(64)
+    x, y = data(800)
     model, reached = _pruned_model(make())
     assert abs(reached - 0.8) < 0.02
     opt = model.optimizer
     masks = [(v, numpy(m).copy()) for v, m in opt.masks]
     assert len(masks) == 2 and all(m.dtype == np.uint8 for _, m in masks)
     start = values(model.trainable_variables)
-    model.fit(x, y, batch_size=8, epochs=12, verbose=0)  # 96 steps
-    model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # 100
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)  # 100 steps, one compiled step function
     assert int(numpy(opt.prune_step)) == 100
     for v, m in masks:
         w = numpy(v)
@@ -246,7 +245,7 @@ def test_sparse_weights_h5_is_smaller_and_stock_load_weights_restores_it(tmp_pat
     assert err.value.field == "path"
 
 
-def _fake_cifar10(root, per_batch=24, seed=0):
+def _fake_cifar10(root, per_batch=32, seed=0):
     """A tiny CIFAR-10 in its real on-disk form: ``cifar-10-batches-py/`` holding
     ``data_batch_1..5`` and ``test_batch``, pickled dicts with bytes keys whose ``b"data"`` is
     ``uint8 [N, 3072]`` (channel-major rows) and ``b"labels"`` a list, plus ``batches.meta``."""
@@ -288,8 +287,9 @@ def test_the_seed_example_runs_its_cifar10_path(tmp_path, capsys):
     np.testing.assert_array_equal(y, np.concatenate([p[1] for p in parts]))
     test_x, test_y = load_batch(folder / "test_batch")
     np.testing.assert_array_equal(xt * 255.0, test_x.transpose(0, 2, 3, 1))
-    assert x.shape == (120, 32, 32, 3) and list(yt) == list(test_y)
-    example.main(["--cifar", str(tmp_path), "--epochs", "1"])  # 4 steps; prunes at 0, 1 and 2
+    assert x.shape == (160, 32, 32, 3) and list(yt) == list(test_y)
+    # 5 full batches of 32 (one compiled train step); prunes at steps 0 to 3, the last to 90%
+    example.main(["--cifar", str(tmp_path), "--epochs", "1"])
     out = capsys.readouterr().out
     assert f"backend {BACKEND}, data CIFAR-10" in out
     total = [line for line in out.splitlines() if line.startswith("| total |")]

@@ -8,7 +8,9 @@ LLaMA-shaped GQA model, and time to prune against Torch-Pruning.
    ``num_heads`` + ``prune_num_heads=True``, ``prune_head_dims=False``, embeddings and pooler
    ignored) and the generic ``prune.structured`` at the same ratio. Metric: mean cosine of the
    mean-pooled embeddings to the dense model's on held-out text (bench/oneshot.py's docstring
-   corpus: 128 calibration texts, 500 evaluation texts).
+   corpus and split: 128 calibration texts, the 1,000 evaluation texts after them; recovery
+   trains on the calibration texts and the ~870 texts after the evaluation ones, early stopping
+   on 64 of those, so no evaluation text is seen before the final measurement).
 2. ``latency``: a random-init LLaMA (4 layers, hidden 512, 8 query heads, 2 KV heads, MLP 1536,
    vocab 1024) and MiniLM, pruned at 0.5: save_pretrained -> from_pretrained identical (LLaMA),
    CPU latency with 2 threads, batch 8, sequence 128, median of interleaved rounds, against the
@@ -26,12 +28,14 @@ import copy
 import cProfile
 import importlib.util
 import io
+import os
 import pstats
 import random
 import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,7 +46,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from oneshot import texts  # noqa: E402  (the same corpus as the one-shot benchmark)
+from oneshot import CALIBRATION, EVALUATION, texts  # noqa: E402  (the one-shot benchmark's corpus and split)
 
 from secateurs import clip, prune  # noqa: E402
 from secateurs.recovery import distill  # noqa: E402
@@ -50,7 +54,7 @@ from secateurs.recovery import distill  # noqa: E402
 warnings.filterwarnings("ignore")
 transformers.logging.set_verbosity_error()
 torch.set_num_threads(2)
-CALIBRATION, EVALUATION, BATCH, VALIDATION = 128, 500, 16, 64
+BATCH, VALIDATION = 16, 64
 WINDOWS = False  # three texts joined into one window: 3x the cost of a step; off on this 2-core machine
 
 
@@ -130,6 +134,9 @@ def torch_pruning_recipe(dense: nn.Module, example: dict[str, torch.Tensor], rat
 
 
 def quality(args: argparse.Namespace) -> None:
+    # Quality does not depend on the thread count; on a busy 2-core machine one thread runs the
+    # thousands of small ops of a distillation step several times faster than two.
+    torch.set_num_threads(args.threads)
     dense, tok = minilm()
     corpus = texts()
     cal, ev = encode(tok, corpus[:CALIBRATION]), encode(tok, corpus[CALIBRATION:CALIBRATION + EVALUATION])
@@ -221,55 +228,62 @@ def _latency(models: dict[str, nn.Module], inputs: dict[str, torch.Tensor], roun
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def latency(args: argparse.Namespace) -> None:
+def _reloaded(small: nn.Module, auto: type, field: str, x: dict[str, torch.Tensor]) -> nn.Module:
+    """``small`` through ``save_pretrained`` and stock ``auto.from_pretrained``, checked to give
+    bit-identical ``field`` outputs on ``x``."""
     import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        small.save_pretrained(d)
+        loaded = auto.from_pretrained(d).eval()  # type: ignore[attr-defined]
+        with torch.no_grad():
+            same = torch.equal(getattr(small(**x), field), getattr(loaded(**x), field))
+    assert same, f"{type(small).__name__}: round trip not bit-identical"
+    return loaded
+
+
+def _latency_row(label: str, ratio: float, dense: nn.Module, small: nn.Module, x: dict[str, torch.Tensor],
+                 macs: Callable[[nn.Module], int], shape: str, rounds: int) -> None:
+    """One row of the latency table: the pruned model against the dense one, interleaved."""
+    gain = macs(dense) / macs(small)
+    lat = _latency({"dense": dense, "pruned": small}, x, rounds)
+    sp = lat["dense"] / lat["pruned"]
+    print(f"| {label} | {ratio:.0%} | {shape} | {gain:.2f} | {lat['dense'] * 1e3:.0f} / {lat['pruned'] * 1e3:.0f} | "
+          f"{sp:.2f} | {sp / gain:.2f} | {os.getloadavg()[0]:.1f} |", flush=True)
+
+
+def latency(args: argparse.Namespace) -> None:
+    torch.set_num_threads(2)
     dense = _llama()
     g = torch.Generator().manual_seed(0)
     cal = [{"input_ids": torch.randint(0, 1024, (4, 128), generator=g)} for _ in range(4)]
     x = {"input_ids": torch.randint(0, 1024, (8, 128), generator=g)}
-    print("| model | removed | config after | MACs ratio | latency dense / pruned ms | speedup | speedup / MACs ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for ratio in (0.25, 0.5):
-        small = prune.structured_transformer(dense, sparsity=ratio, criterion="activation", calibration=cal, reconstruct="bias")
-        with tempfile.TemporaryDirectory() as d:
-            small.save_pretrained(d)
-            loaded = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
-            with torch.no_grad():
-                same = torch.equal(small(**x).logits, loaded(**x).logits)
-        assert same, "round trip not bit-identical"
-        macs = _macs_llama(dense.config, 128, 1024) / _macs_llama(loaded.config, 128, 1024)
-        lat = _latency({"dense": dense, "pruned": loaded}, x, args.rounds)
-        sp = lat["dense"] / lat["pruned"]
+    print("| model | removed | config after | MACs ratio | latency dense / pruned ms | speedup | speedup / MACs ratio | load |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    llama_macs = lambda m: _macs_llama(m.config, 128, 1024)  # noqa: E731
+    bert_macs = lambda m: _macs_bert(m, 128)  # noqa: E731
+    for ratio in args.ratios:
+        small = prune.structured_transformer(dense, sparsity=ratio, criterion="activation", calibration=cal,
+                                             reconstruct="bias", round_to=args.round_to)
+        loaded = _reloaded(small, transformers.AutoModelForCausalLM, "logits", x)
         c = loaded.config
-        print(f"| LLaMA GQA 4x512 (reloaded) | {ratio:.0%} | heads {c.num_attention_heads}/{c.num_key_value_heads} kv, "
-              f"MLP {c.intermediate_size}, bias {c.attention_bias}/{c.mlp_bias} | {macs:.2f} | "
-              f"{lat['dense'] * 1e3:.0f} / {lat['pruned'] * 1e3:.0f} | {sp:.2f} | {sp / macs:.2f} |", flush=True)
+        _latency_row("LLaMA GQA 4x512 (reloaded)", ratio, dense, loaded, x, llama_macs,
+                     f"heads {c.num_attention_heads}/{c.num_key_value_heads} kv, MLP {c.intermediate_size}, "
+                     f"bias {c.attention_bias}/{c.mlp_bias}", args.rounds)
     bert, _ = minilm()
     xb = {"input_ids": torch.randint(1000, 20000, (8, 128), generator=g), "attention_mask": torch.ones(8, 128, dtype=torch.long)}
-    for ratio in (0.25, 0.5):
-        small = prune.structured_transformer(bert, sparsity=ratio)
-        macs = _macs_bert(bert, 128) / _macs_bert(small, 128)
-        lat = _latency({"dense": bert, "pruned": small}, xb, args.rounds)
-        sp = lat["dense"] / lat["pruned"]
+    for ratio in args.ratios:
+        small = prune.structured_transformer(bert, sparsity=ratio, round_to=args.round_to)
         heads = small.encoder.layer[0].attention.self.query.out_features // 32
-        print(f"| MiniLM (in memory) | {ratio:.0%} | heads {heads}, MLP {small.config.intermediate_size} | {macs:.2f} | "
-              f"{lat['dense'] * 1e3:.0f} / {lat['pruned'] * 1e3:.0f} | {sp:.2f} | {sp / macs:.2f} |", flush=True)
-    for ratio in (0.25, 0.5):
+        _latency_row("MiniLM (in memory)", ratio, bert, small, xb, bert_macs,
+                     f"heads {heads}, MLP {small.config.intermediate_size}", args.rounds)
+    for ratio in args.ratios:
         # Heads, neurons and the hidden size by the same share: the one BERT shape stock transformers loads.
-        small = prune.structured_transformer(bert, sparsity=ratio, hidden=ratio)
-        with tempfile.TemporaryDirectory() as d:
-            small.save_pretrained(d)
-            loaded = transformers.AutoModel.from_pretrained(d).eval()
-            with torch.no_grad():
-                same = torch.equal(small(**xb).last_hidden_state, loaded(**xb).last_hidden_state)
-        assert same, "round trip not bit-identical"
-        macs = _macs_bert(bert, 128) / _macs_bert(loaded, 128)
-        lat = _latency({"dense": bert, "pruned": loaded}, xb, args.rounds)
-        sp = lat["dense"] / lat["pruned"]
+        small = prune.structured_transformer(bert, sparsity=ratio, hidden=ratio, round_to=args.round_to)
+        loaded = _reloaded(small, transformers.AutoModel, "last_hidden_state", xb)
         c = loaded.config
-        print(f"| MiniLM + hidden (reloaded) | {ratio:.0%} | hidden {c.hidden_size}, heads {c.num_attention_heads}, "
-              f"MLP {c.intermediate_size} | {macs:.2f} | {lat['dense'] * 1e3:.0f} / {lat['pruned'] * 1e3:.0f} | "
-              f"{sp:.2f} | {sp / macs:.2f} |", flush=True)
+        _latency_row("MiniLM + hidden (reloaded)", ratio, bert, loaded, xb, bert_macs,
+                     f"hidden {c.hidden_size}, heads {c.num_attention_heads}, MLP {c.intermediate_size}", args.rounds)
 
 
 def timing(args: argparse.Namespace) -> None:
@@ -318,7 +332,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--patience", type=int, default=4)
     parser.add_argument("--verbose", action="store_true")
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2, help="quality: torch threads (latency always uses 2)")
+    parser.add_argument("--rounds", type=int, default=15, help="latency: interleaved rounds (the median is kept)")
+    parser.add_argument("--round-to", type=int, default=1, help="latency: keep neuron counts a multiple of this")
     parser.add_argument("--profile", action="store_true", help="where prune.structured spends its time")
     args = parser.parse_args()
     for part in args.parts:

@@ -350,3 +350,74 @@ def test_models_with_several_inputs_take_a_tuple() -> None:
     small = structured(_TwoInputs(), inputs, sparsity=0.25)
     assert small.a.out_features == small.b.out_features == 12
     assert small(*inputs).shape == (2, 3)
+
+
+# ------------------------------------------- the check after surgery runs on the meta device
+
+
+def _devices_seen(model: nn.Module) -> list[str]:
+    """The devices of every input the first layer of ``model`` (and of its deep copies) sees."""
+    seen: list[str] = []
+    next(iter(model.children())).register_forward_pre_hook(lambda _m, args: seen.append(args[0].device.type))
+    return seen
+
+
+def test_the_pruned_model_is_checked_on_the_meta_device_not_by_a_second_real_pass() -> None:
+    model, x = zoo("seed-cnn"), x_for()
+    seen = _devices_seen(model)  # the hook travels with the deep copy that is pruned
+    small = structured(model, x, sparsity=0.5)
+    assert seen == ["cpu", "meta"]  # the trace, then the check
+    assert small(x).shape == (3, 10)
+
+
+class _ReadsAValue(nn.Module):
+    """A forward that reads a value with ``.item()``, which the meta device cannot give."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.b(h * (1.0 if h.sum().item() >= 0 else -1.0))
+
+
+def test_a_model_the_meta_device_cannot_run_is_checked_by_a_real_pass() -> None:
+    torch.manual_seed(0)
+    model, x = _ReadsAValue(), torch.randn(2, 8)
+    seen = _devices_seen(model)
+    small = structured(model, x, sparsity=0.5)
+    assert seen == ["cpu", "meta", "cpu"]
+    assert small.a.out_features == 8 and small(x).shape == (2, 3)
+
+
+def _wrong_conv_bias() -> nn.Module:
+    conv = nn.Conv2d(3, 4, 3)
+    conv.bias = nn.Parameter(torch.zeros(5))
+    return conv
+
+
+@pytest.mark.parametrize("broken", [
+    lambda: nn.Sequential(nn.Conv2d(3, 6, 3), nn.ConvTranspose2d(5, 4, 3)),  # input channels
+    lambda: nn.Sequential(nn.Conv2d(3, 3, 1), _wrong_conv_bias()),  # a bias of the wrong length
+    lambda: nn.Sequential(nn.Conv1d(3, 4, 3), nn.Conv1d(5, 2, 1)),
+], ids=["conv_transpose input channels", "conv bias", "conv1d input channels"])
+def test_the_meta_check_refuses_what_a_real_pass_refuses_even_where_meta_kernels_do_not(broken) -> None:
+    from secateurs.prune.surgery.cut import _shapes_on_meta
+
+    model = broken().eval()
+    x = torch.randn(1, 3, 8, 8) if isinstance(model[0], nn.Conv2d | nn.ConvTranspose2d) else torch.randn(1, 3, 8)
+    with pytest.raises(RuntimeError):
+        model(x)
+    assert _shapes_on_meta(model, x) is None
+
+
+def test_the_meta_check_gives_the_real_output_shapes() -> None:
+    from secateurs.prune.surgery.cut import _shapes_on_meta
+
+    tv = pytest.importorskip("torchvision")
+    model, x = tv.models.resnet18(num_classes=10).eval(), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _shapes_on_meta(model, x) == [tuple(model(x).shape)] == [(2, 10)]
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, groups=1), nn.ConvTranspose2d(4, 6, 3, groups=2)).eval()
+    assert _shapes_on_meta(model, torch.randn(1, 3, 8, 8)) == [(1, 6, 8, 8)]

@@ -99,11 +99,28 @@ def test_the_first_loss_is_the_masked_distance_before_any_step() -> None:
     assert result.losses[0] == pytest.approx(want, rel=1e-5)
 
 
+def test_the_pooled_loss_is_one_minus_the_cosine_of_the_mean_pooled_embeddings() -> None:
+    dense, data = bert(), batches(1)
+    small = prune.structured_transformer(dense, sparsity=0.5)
+    x = data[0]
+    m = x["attention_mask"].unsqueeze(-1).double()
+    with torch.no_grad():
+        s, t = small(**x).last_hidden_state.double(), dense(**x).last_hidden_state.double()
+    # sentence-transformers' mean pooling: the padding positions (the last 4 of row 1) are left out
+    want = 1 - nn.functional.cosine_similarity((s * m).sum(1) / m.sum(1), (t * m).sum(1) / m.sum(1), dim=-1).mean()
+    padded = 1 - nn.functional.cosine_similarity(s.mean(1), t.mean(1), dim=-1).mean()
+    assert padded.item() != pytest.approx(want.item(), rel=1e-2)  # the tolerance below tells the two apart
+    result = distill(small, dense, data, steps=1, lr=1e-3, loss="pooled", validation=data)
+    # 1 - cosine of two close float32 vectors: about 1e-4 relative error against float64
+    assert result.losses[0] == pytest.approx(want.item(), rel=1e-3)
+    assert result.validation[0] == (0, pytest.approx(want.item(), rel=1e-3))
+
+
 @pytest.mark.parametrize(("options", "message"), [
     ({"steps": 0}, r"^steps: got 0; allowed: an integer >= 1"),
     ({"lr": -1.0}, r"^lr: got -1\.0; allowed: a number > 0"),
     ({"rule": "global_norm"}, r"^rule: got 'global_norm'; allowed: a secateurs\.clip Rule"),
-    ({"loss": "l1"}, r"^loss: got 'l1'; allowed: auto, kl, mse, cosine"),
+    ({"loss": "l1"}, r"^loss: got 'l1'; allowed: auto, kl, mse, cosine, pooled"),
     ({"loss": "kl"}, r"^loss: got 'kl'; allowed: 'kl' for models whose output has logits"),
 ])
 def test_bad_arguments_are_errors_naming_the_argument(options: dict, message: str) -> None:

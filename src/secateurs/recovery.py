@@ -4,9 +4,10 @@ Structured removal (:func:`secateurs.prune.structured_transformer`) loses some o
 model computed; a few hundred optimizer steps of distillation on the calibration data win most
 of it back. The pruned *student* learns to reproduce the dense *teacher*'s outputs on the same
 batches (no labels): the teacher's next-token distribution (KL divergence) for a model with
-``logits``, else its last hidden states (mean squared error, or ``1 - cosine``), over the
-positions that are not padding. The optimizer is wrapped with :func:`secateurs.clip.wrap`, so any
-clipping rule of :mod:`secateurs.clip` bounds the updates (and non-finite steps are skipped).
+``logits``, else its last hidden states (mean squared error, or ``1 - cosine`` per position or of
+the mean-pooled sentence embeddings), over the positions that are not padding. The optimizer is
+wrapped with :func:`secateurs.clip.wrap`, so any clipping rule of :mod:`secateurs.clip` bounds
+the updates (and non-finite steps are skipped).
 
 This lives outside :mod:`secateurs.prune` because it uses :mod:`secateurs.clip` (the two library
 layers never import each other).
@@ -42,10 +43,12 @@ from secateurs.prune.calibration.capture import Batch, make_batches
 
 __all__ = ["LOSSES", "SCHEDULES", "DistillResult", "distill"]
 
-LOSSES = ("auto", "kl", "mse", "cosine")
+LOSSES = ("auto", "kl", "mse", "cosine", "pooled")
 """``kl``: KL(teacher || student) of the next-token distributions (needs ``logits``); ``mse`` /
-``cosine``: mean squared error / ``1 - cosine`` of the last hidden states; ``auto``: ``kl`` when
-the output has logits, else ``mse``."""
+``cosine``: mean squared error / ``1 - cosine`` of the last hidden states, per position;
+``pooled``: ``1 - cosine`` of each sequence's mean-pooled last hidden state (the mean over its
+non-padding positions: the sentence embedding of a mean-pooling embedding model such as
+all-MiniLM-L6-v2); ``auto``: ``kl`` when the output has logits, else ``mse``."""
 
 SCHEDULES = ("constant", "cosine", "linear")
 """The learning rate after warm-up: constant, cosine decay to 0, or linear decay to 0."""
@@ -90,14 +93,17 @@ def _resolve_loss(loss: str, output: Any) -> str:
     if loss != "auto":
         if loss == "kl":
             check(isinstance(getattr(output, "logits", None), torch.Tensor), "loss", loss,
-                  "'kl' for models whose output has logits; else 'mse' or 'cosine'")
+                  "'kl' for models whose output has logits; else 'mse', 'cosine' or 'pooled'")
         return loss
     return "kl" if isinstance(getattr(output, "logits", None), torch.Tensor) else "mse"
 
 
 def _distance(kind: str, student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Mean over the non-padding positions of the per-position distance."""
+    """Mean over the non-padding positions of the per-position distance (``pooled``: mean over
+    the sequences of the distance between their mean-pooled outputs)."""
     s, t = student.float(), teacher.float()
+    if kind == "pooled":
+        return (1.0 - F.cosine_similarity(_pool(s, valid), _pool(t, valid), dim=-1)).mean()
     if kind == "kl":
         per = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
     elif kind == "cosine":
@@ -108,6 +114,16 @@ def _distance(kind: str, student: torch.Tensor, teacher: torch.Tensor, valid: to
         v = valid.to(per.device, per.dtype)
         return (per * v).sum() / v.sum().clamp_min(1.0)
     return per.mean()
+
+
+def _pool(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """The mean over the non-padding positions of each sequence of ``x`` (batch, positions, dim)."""
+    if x.dim() < 3:
+        return x
+    if valid is None or tuple(valid.shape) != tuple(x.shape[:2]):
+        return x.mean(1)
+    v = valid.to(x.device, x.dtype).unsqueeze(-1)
+    return (x * v).sum(1) / v.sum(1).clamp_min(1.0)
 
 
 def distill(
@@ -340,7 +356,10 @@ def _validate(student: nn.Module, teacher: nn.Module, held: Sequence[Batch], kin
     for batch in held:
         target = _main_output(_teacher_forward(teacher, batch, device, []), kind)
         out = _main_output(forward(student, to_device(batch.inputs, device)), kind)
-        n = float(batch.valid.sum()) if batch.valid is not None else 1.0
+        if kind == "pooled":
+            n = float(len(out)) if out.dim() >= 3 else 1.0
+        else:
+            n = float(batch.valid.sum()) if batch.valid is not None else 1.0
         total += float(_distance(kind, out, target.to(out.device), batch.valid)) * n
         weight += n
     return total / max(weight, 1e-12)

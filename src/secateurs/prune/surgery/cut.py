@@ -29,6 +29,7 @@ not at ``1 - 0.75 * 0.5``. ``target_macs`` is relative to the original MACs in t
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -352,9 +353,57 @@ def _check_prunable(graph: Graph, exclude: Any) -> None:
         "allowed: a model with at least one prunable layer that does not feed the output directly"
     )
 
+def _shapes_on_meta(model: nn.Module, example_inputs: Inputs) -> list[tuple[int, ...]] | None:
+    """The output shapes of ``model`` run with every parameter, buffer and input on the meta
+    device (shapes only, no arithmetic: a tenth of a real pass on a busy CPU), or None where the
+    forward cannot run on meta (a value read with ``.item()``, a tensor the model makes on its
+    own device, an op without a meta kernel)."""
+    state = {name: t.to("meta") for name, t in (*model.named_parameters(), *model.named_buffers())}
+    inputs = to_device(example_inputs, "meta")
+    args, kwargs = ((), inputs) if isinstance(inputs, dict) else (tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,), {})
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), _ConvChannels():
+            warnings.simplefilter("ignore")
+            return output_shapes(torch.func.functional_call(model, state, args, kwargs, tie_weights=True, strict=False))
+    except Exception:
+        return None
+
+
+_CONV_DIMS = {"conv1d": 1, "conv2d": 2, "conv3d": 3, "conv_transpose1d": 1, "conv_transpose2d": 2, "conv_transpose3d": 3}
+
+
+class _ConvChannels(torch.overrides.TorchFunctionMode):
+    """Raises where a convolution's input channels or bias disagree with its weight: the meta
+    kernels of ``conv_transpose*`` accept wrong input channels and those of every convolution a
+    bias of the wrong length, which a real pass refuses."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        dims = _CONV_DIMS.get(name)
+        if dims is not None and len(args) >= 2:
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)  # 7th in both signatures
+            groups = groups if isinstance(groups, int) else 1
+            channels = x.shape[-(dims + 1)]
+            if not name.startswith("conv_transpose"):
+                ok = channels == weight.shape[1] * groups and (bias is None or bias.numel() == weight.shape[0])
+            else:
+                ok = channels == weight.shape[0] and (bias is None or bias.numel() == weight.shape[1] * groups)
+            if not ok:
+                raise RuntimeError(f"{name}: input channels or bias disagree with the weight")
+        return func(*args, **kwargs)
+
+
 def _verify(model: nn.Module, example_inputs: Inputs, expected: list[tuple[int, ...]], graph: Graph) -> str | None:
-    """Run the pruned model once: None if it runs and its outputs keep their shapes, else what
-    went wrong, naming the layer where a missed coupling shows up."""
+    """Check the pruned model: None if it runs and its outputs keep their shapes, else what
+    went wrong, naming the layer where a missed coupling shows up. The shapes are checked on the
+    meta device first; only a model that fails there (or changes its output shapes) is run for
+    real, which decides and names the layer."""
+    model.eval()
+    if _shapes_on_meta(model, example_inputs) == expected:
+        return None
     stack: list[str] = []
     names = {m: n for n, m in model.named_modules()}
 

@@ -16,6 +16,9 @@ import pytest
 import torch
 from conftest import QUICK_RUN, without_timing
 from safetensors.torch import load_file
+from typer.testing import CliRunner, Result
+
+from secateurs.cli import app
 
 pytestmark = pytest.mark.slow
 
@@ -71,16 +74,24 @@ main()
 
 # QUICK_RUN is 3 dense, 3 prune and 2 fine-tuning epochs, one checkpoint after each; structured
 # rounds write a shape side file (structure-EEEE) before the checkpoint that names it.
-KILL_POINTS = {
-    "before config.toml": ("unstructured", "config.toml", "before", 1),
-    "config.toml written, nothing else": ("unstructured", "config.toml", "after", 1),
-    "after the 4th checkpoint (pruning)": ("unstructured", "checkpoint.safetensors", "after", 4),
-    "during the 7th checkpoint (fine-tuning)": ("unstructured", "checkpoint.safetensors", "before", 7),
-    "after the final model, before the report": ("unstructured", "model.safetensors", "after", 1),
-    "after the report": ("unstructured", "report.json", "after", 1),
-    "structured: side file written, its checkpoint not": ("structured", "structure-0005.safetensors", "after", 1),
-    "structured: after the report": ("structured", "report.json", "after", 1),
-}
+#
+# One run of each kind is killed again and again, each time at the next point, every process
+# continuing from what the one before left; then it must equal the uninterrupted run. A kill's
+# count is per process: the resume that starts at checkpoint 5 is killed during its 3rd write,
+# the 7th checkpoint of the run. Each state on the way is checked as a user would meet it.
+# (command, (file, "before"/"after" its rename, n-th rename in this process), what the folder holds)
+UNSTRUCTURED_KILLS = [
+    ("fresh", ("config.toml", "before", 1), "nothing but a temporary file"),
+    ("fresh", ("config.toml", "after", 1), "config.toml, nothing else"),
+    ("resume", ("checkpoint.safetensors", "after", 4), "4 checkpoints (pruning)"),
+    ("resume", ("checkpoint.safetensors", "before", 3), "the 7th checkpoint half written (fine-tuning)"),
+    ("resume", ("model.safetensors", "after", 1), "the final model, no report"),
+    ("resume", ("report.json", "after", 1), "report.json"),
+]
+STRUCTURED_KILLS = [
+    ("fresh", ("structure-0005.safetensors", "after", 1), "a shape side file, its checkpoint not"),
+    ("resume", ("report.json", "after", 1), "report.json"),
+]
 _TIMED_FILES = ("report.json", "report.md", "timing.json")
 
 
@@ -118,46 +129,53 @@ def assert_same_run(got: Path, want: Path) -> None:
     assert _untimed_md(got / "report.md") == _untimed_md(want / "report.md")
 
 
-@pytest.mark.parametrize("point", list(KILL_POINTS))
-def test_a_run_killed_at_a_fixed_point_is_continued_to_the_uninterrupted_result(
-    tmp_path: Path, point: str, uninterrupted: dict[str, Path]
-) -> None:
-    kind, name, when, nth = KILL_POINTS[point]
-    out = tmp_path / "killed"
-    args = _args_of(kind)
+def _in_process(*args: str) -> Result:
+    """The CLI in this process: for the refusals, which train nothing (a process costs seconds)."""
+    return CliRunner().invoke(app, list(args))
+
+
+def _killed(kill: tuple[str, str, int], out: Path, *args: str) -> list[str]:
+    """Run the CLI with ``args`` until the kill point; the names in ``out`` afterwards."""
+    name, when, nth = kill
     killed = subprocess.run(
-        [sys.executable, "-c", KILL_AT, name, when, str(nth), "run", *args, "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, "-c", KILL_AT, name, when, str(nth), *args], capture_output=True, text=True, timeout=600
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    left = sorted(p.name for p in out.iterdir())
-    if when == "before":
-        assert any(n.startswith(f".{name}.") and n.endswith(".tmp") for n in left), left  # the write it interrupted
+    return sorted(p.name for p in out.iterdir())
 
-    if "config.toml" not in left:
-        # Nothing says which config it was: --resume says how to start again, and that works.
-        refused = _cli("run", "--resume", str(out))
-        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
-        assert "stopped before it wrote its config" in refused.stderr
-        assert f"secateurs run CONFIG --out {out}" in refused.stderr
-        again = _cli("run", *args, "--out", str(out))  # a folder of only temporary files counts as empty
-        assert again.returncode == 0, again.stderr
-    elif "report.json" not in left:
-        # --out on the folder of an unfinished run: one line naming the command that continues it
-        refused = _cli("run", *args, "--out", str(out))
-        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
-        assert f"continue that run with: secateurs run --resume {out}" in refused.stderr
-        assert sorted(p.name for p in out.iterdir()) == left  # nothing touched
-        resumed = _cli("run", "--resume", str(out), "--quiet")
-        assert resumed.returncode == 0, resumed.stderr
-    else:
-        before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir() if not p.name.startswith("structure-")}
-        resumed = _cli("run", "--resume", str(out), "--quiet")
-        assert resumed.returncode == 0, resumed.stderr
-        assert "holds a finished run" in resumed.stderr and "nothing was run again" in resumed.stderr
-        # a no-op: every file as it was (a structured run's last shape file, which the kill kept
-        # from being removed, is gone)
-        assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
+
+@pytest.mark.parametrize("kind", ["unstructured", "structured"])
+def test_a_run_killed_at_fixed_points_in_turn_is_continued_to_the_uninterrupted_result(
+    tmp_path: Path, kind: str, uninterrupted: dict[str, Path]
+) -> None:
+    out = tmp_path / "killed"
+    args = _args_of(kind)
+    for command, kill, state in UNSTRUCTURED_KILLS if kind == "unstructured" else STRUCTURED_KILLS:
+        cli = ["run", *args, "--out", str(out)] if command == "fresh" else ["run", "--resume", str(out), "--quiet"]
+        left = _killed(kill, out, *cli)
+        name, when, _ = kill
+        assert name in left or (when == "before" and any(n.startswith(f".{name}.") and n.endswith(".tmp") for n in left)), (state, left)
+        if "config.toml" not in left:
+            # Nothing says which config it was: --resume says how to start again (the next
+            # fresh run in the list follows that advice: only temporary files count as empty)
+            refused = _in_process("run", "--resume", str(out))
+            assert refused.exit_code == 2 and len(refused.stderr.strip().splitlines()) == 1, (state, refused.stderr)
+            assert "stopped before it wrote its config" in refused.stderr
+            assert f"secateurs run CONFIG --out {out}" in refused.stderr
+        elif "report.json" not in left:
+            # --out on the folder of an unfinished run: one line naming the command that continues it
+            refused = _in_process("run", *args, "--out", str(out))
+            assert refused.exit_code == 2 and len(refused.stderr.strip().splitlines()) == 1, (state, refused.stderr)
+            assert f"continue that run with: secateurs run --resume {out}" in refused.stderr
+            assert sorted(p.name for p in out.iterdir()) == left, state  # nothing touched
+    # killed just after its report: finished, and --resume is a no-op
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir() if not p.name.startswith("structure-")}
+    resumed = _cli("run", "--resume", str(out), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "holds a finished run" in resumed.stderr and "nothing was run again" in resumed.stderr
+    # every file as it was (a structured run's last shape file, which the kill kept from being
+    # removed, is gone)
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
     assert_same_run(out, uninterrupted[kind])
 
 

@@ -183,21 +183,30 @@ def test_a_saved_checkpoint_takes_the_process_umask(tmp_path: Path, umask: int) 
 _SAVE_IN_A_FRESH_PROCESS = """
 import sys, torch
 from torch import nn
+from safetensors.torch import save_file
 from secateurs.prune import Pruner, save
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
 Pruner(model, sparsity=0.8).step()
-save(model, sys.argv[1], metadata={"zeta": "1", "alpha": "2", "mid": "3"})
+metadata = {"zeta": "1", "alpha": "2", "mid": "3"}
+save(model, sys.argv[1], metadata=metadata)
+save_file({"w": torch.zeros(2)}, sys.argv[2], metadata=metadata | {"secateurs.format": "", "secateurs.layout": ""})
 """
 
 
 def test_the_same_model_saved_by_different_processes_is_byte_identical_with_sorted_metadata(tmp_path: Path) -> None:
+    import os
     import subprocess
     import sys
 
-    paths = [tmp_path / f"m{i}.safetensors" for i in range(4)]
-    for path in paths:  # safetensors orders metadata by a hash seeded per process
-        subprocess.run([sys.executable, "-c", _SAVE_IN_A_FRESH_PROCESS, str(path)], check=True, timeout=120)
+    # safetensors orders metadata by a hash seeded per process: these two seeds order the same
+    # keys differently in a plain save_file (checked below), so the test can see the difference
+    paths = [tmp_path / f"m{seed}.safetensors" for seed in (1, 2)]
+    stock = [tmp_path / f"stock{seed}.safetensors" for seed in (1, 2)]
+    for seed, path, plain in zip((1, 2), paths, stock, strict=True):
+        env = os.environ | {"PYTHONHASHSEED": str(seed)}
+        subprocess.run([sys.executable, "-c", _SAVE_IN_A_FRESH_PROCESS, str(path), str(plain)], check=True, timeout=120, env=env)
+    assert stock[0].read_bytes() != stock[1].read_bytes()
     first = paths[0].read_bytes()
     assert all(p.read_bytes() == first for p in paths[1:])
     size = int.from_bytes(first[:8], "little")

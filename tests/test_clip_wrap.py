@@ -13,8 +13,6 @@ import pytest
 import torch
 
 from secateurs.clip import (
-    AGC,
-    AdaGC,
     AutoClip,
     ClipLog,
     ClippedOptimizer,
@@ -544,33 +542,4 @@ def test_deepcopy_and_pickle_leave_pre_clip_hooks_behind() -> None:
     assert calls == ["clone", "clone", "original"]
 
 
-@pytest.mark.parametrize(
-    "make",
-    [lambda: GlobalNorm(MAX_NORM), AutoClip, lambda: ZClip(warmup_steps=2), AGC, AdaGC],
-    ids=["global_norm", "autoclip", "zclip", "agc", "adagc"],
-)
-def test_a_compiled_wrapped_step_equals_the_eager_one_nan_step_included(
-    make: Callable[[], object],
-) -> None:
-    # torch.compile(optimizer.step) is how users fuse a step: Dynamo must trace the wrapper,
-    # the rule and the skip policy (the aot_eager backend checks the traced graphs without
-    # needing a C++ compiler for code generation)
-    torch._dynamo.reset()
-    eager_model, compiled_model = make_model(), make_model()
-    eager = wrap(torch.optim.SGD(eager_model.parameters(), lr=0.05), make(), nonfinite="skip")
-    wrapped = wrap(torch.optim.SGD(compiled_model.parameters(), lr=0.05), make(), nonfinite="skip")
-    step = torch.compile(wrapped.step, backend="aot_eager")
-    for i in range(5):
-        for model, opt in ((eager_model, eager), (compiled_model, wrapped)):
-            opt.zero_grad()
-            if i == 3:
-                nan_grads(model)
-            else:
-                loss_of(model, i).backward()
-        eager.step()
-        step()
-        for p, q in zip(eager_model.parameters(), compiled_model.parameters(), strict=True):
-            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    assert wrapped.log.skipped() == eager.log.skipped() == [False] * 3 + [True, False]
-    assert wrapped.log.thresholds() == pytest.approx(eager.log.thresholds(), rel=1e-5)
-    assert wrapped.log.norms() == pytest.approx(eager.log.norms(), rel=1e-5, nan_ok=True)
+# torch.compile of a wrapped step: tests/test_clip_compile.py (fullgraph, every rule and policy)

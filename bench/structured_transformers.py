@@ -3,7 +3,8 @@ LLaMA-shaped GQA model, and time to prune against Torch-Pruning.
 
 1. ``quality``: MiniLM (BERT, 6 layers, 12 heads, MLP 1536) with 25% and 50% of the heads and
    MLP neurons removed by ``prune.structured_transformer``, one-shot (criteria x reconstruction),
-   then after ``recovery.distill`` (300 steps on the calibration text, ``clip.GlobalNorm(1.0)``);
+   then after ``recovery.distill`` (``--steps``, cosine schedule, ``clip.GlobalNorm(1.0)``, every
+   block's output in the loss, ``--loss pooled`` for the metric's own distance, early stopping);
    beside it Torch-Pruning's Transformer recipe (``MetaPruner``, ``GroupMagnitudeImportance(p=2)``,
    ``num_heads`` + ``prune_num_heads=True``, ``prune_head_dims=False``, embeddings and pooler
    ignored) and the generic ``prune.structured`` at the same ratio. Metric: mean cosine of the
@@ -12,11 +13,11 @@ LLaMA-shaped GQA model, and time to prune against Torch-Pruning.
    trains on the calibration texts and the ~870 texts after the evaluation ones, early stopping
    on 64 of those, so no evaluation text is seen before the final measurement).
 2. ``latency``: a random-init LLaMA (4 layers, hidden 512, 8 query heads, 2 KV heads, MLP 1536,
-   vocab 1024) and MiniLM, pruned at 0.5: save_pretrained -> from_pretrained identical (LLaMA),
-   CPU latency with 2 threads, batch 8, sequence 128, median of interleaved rounds, against the
-   MACs ratio.
+   vocab 1024) and MiniLM, pruned at ``--ratios``: save_pretrained -> stock from_pretrained
+   bit-identical (LLaMA, MiniLM with the hidden size), CPU latency with 2 threads, batch 8,
+   sequence 128, median of ``--rounds`` interleaved rounds, against the MACs ratio, with the load.
 3. ``timing``: time to prune at ratio 0.5, ``prune.structured`` against Torch-Pruning's
-   ``MagnitudePruner``, on secateurs' zoo (torchvision is not installable here).
+   ``MagnitudePruner``, on secateurs' zoo (torchvision models: bench/structured_zoo.py).
 
     PYTHONPATH=src .venv/bin/python bench/structured_transformers.py [quality|latency|timing ...]
 """

@@ -50,6 +50,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
             report.outcome = "failed"
             report.longrepr = f"skipped in CI, where only CUDA tests may skip: {reason}"
 
+def cli_in_process(*args: str) -> subprocess.CompletedProcess[str]:
+    """``secateurs ARGS`` run in this process by typer's CliRunner, as a CompletedProcess.
+
+    For the commands that are refused before anything runs: the same code as the console
+    script's, without the seconds a fresh interpreter spends importing torch. (The console
+    script itself, its signal handling and its import path, are tested in subprocesses.)
+    """
+    from typer.testing import CliRunner
+
+    from secateurs.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception  # a crash, where the console script would print a traceback
+    return subprocess.CompletedProcess(["secateurs", *args], result.exit_code, result.stdout, result.stderr)
+
+
 # A reduced default job: same pipeline, a few epochs, used by end-to-end tests.
 QUICK_RUN = [
     "train.epochs=3",

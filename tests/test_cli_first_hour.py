@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import interrupt_once_written, without_timing
+from conftest import cli_in_process, interrupt_once_written, without_timing
 
 from secateurs.experiment.config import load_config, to_toml
 
@@ -112,7 +112,7 @@ def test_the_factory_contract_is_in_run_help_and_the_readme() -> None:
 
 def test_more_iterative_rounds_than_prune_epochs_is_refused_and_the_hint_reaches_the_target(tmp_path: Path) -> None:
     base = [*TINY, "prune.schedule=iterative", "prune.epochs=2", "prune.finetune_epochs=0"]
-    refused = _secateurs("run", *_sets(base), "--out", str(tmp_path / "refused"))
+    refused = cli_in_process("run", *_sets(base), "--out", str(tmp_path / "refused"))
     assert refused.returncode == 2
     line = _one_line(refused)
     assert "prune.rounds: got 3 with prune.epochs = 2" in line and "target 0.9 would not be reached" in line
@@ -215,16 +215,16 @@ def test_a_folder_of_ones_own_files_is_refused_without_a_resume_hint(tmp_path: P
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
-    line = _one_line(_secateurs("run", *_sets(TINY), "--out", str(mine)))
+    line = _one_line(cli_in_process("run", *_sets(TINY), "--out", str(mine)))
     assert "is not empty; allowed: a new or empty folder" in line and "--resume" not in line
-    resumed = _secateurs("run", "--resume", str(mine))
+    resumed = cli_in_process("run", "--resume", str(mine))
     assert resumed.returncode == 2
     assert "not the folder of a secateurs run" in _one_line(resumed)
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
 def test_resume_of_a_missing_folder_says_it_does_not_exist(tmp_path: Path) -> None:
-    result = _secateurs("run", "--resume", str(tmp_path / "nowhere"))
+    result = cli_in_process("run", "--resume", str(tmp_path / "nowhere"))
     assert result.returncode == 2
     assert f"--resume: {str(tmp_path / 'nowhere')!r} does not exist" in _one_line(result)
 
@@ -233,14 +233,14 @@ def test_the_resume_hint_for_a_run_stopped_before_its_first_epoch_works(tmp_path
     out = tmp_path / "stopped"
     out.mkdir()
     (out / "config.toml").write_text(to_toml(load_config(overrides=TINY)))  # what a run stopped that early leaves
-    line = _one_line(_secateurs("run", *_sets(TINY), "--out", str(out)))
+    line = _one_line(cli_in_process("run", *_sets(TINY), "--out", str(out)))
     assert "holds an unfinished run" in line
     hint = line.split("continue that run with: ")[1].split()
     assert hint[:3] == ["secateurs", "run", "--resume"]
     followed = subprocess.run([*_script(), *hint[1:], "--quiet"], capture_output=True, text=True, timeout=600)
     assert followed.returncode == 0, followed.stderr
     assert (out / "report.json").is_file()
-    finished = _one_line(_secateurs("run", *_sets(TINY), "--out", str(out)))
+    finished = _one_line(cli_in_process("run", *_sets(TINY), "--out", str(out)))
     assert "holds a finished run; allowed: a new or empty folder" in finished
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK_RUN, without_timing
+from conftest import QUICK_RUN, cli_in_process, without_timing
 from safetensors.torch import load_file
 
 from secateurs import prune
@@ -96,7 +96,7 @@ def test_auto_resolves_to_the_cpu_on_a_machine_without_a_gpu(tmp_path: Path) -> 
 @pytest.mark.skipif(HAS_CUDA, reason="this machine has CUDA; the error is for one without")
 def test_cuda_on_a_machine_without_it_is_one_line_before_anything_is_written(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = _cli("run", *_sets([*TINY, "train.device=cuda"]), "--quiet", "--out", str(out))
+    result = cli_in_process("run", *_sets([*TINY, "train.device=cuda"]), "--quiet", "--out", str(out))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "train.device: got 'cuda'" in lines[0] and "no CUDA device" in lines[0], result.stderr
@@ -110,7 +110,7 @@ def test_cuda_on_a_machine_without_it_is_one_line_before_anything_is_written(tmp
 def test_a_run_on_cpu_equals_the_default_run_here(tmp_path: Path) -> None:
     default, cpu = tmp_path / "default", tmp_path / "cpu"
     for out, extra in ((default, []), (cpu, ["train.device=cpu"])):
-        result = _cli("run", *_sets([*TINY, *extra]), "--quiet", "--out", str(out))
+        result = cli_in_process("run", *_sets([*TINY, *extra]), "--quiet", "--out", str(out))
         assert result.returncode == 0, result.stderr
     a, b = (json.loads((d / "report.json").read_text()) for d in (default, cpu))
     assert 'device = "cpu"' in (cpu / "config.toml").read_text() and 'device = "auto"' in (default / "config.toml").read_text()

@@ -14,11 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import QUICK_RUN, without_timing
+from conftest import QUICK_RUN, cli_in_process, without_timing
 from safetensors.torch import load_file
-from typer.testing import CliRunner, Result
-
-from secateurs.cli import app
 
 pytestmark = pytest.mark.slow
 
@@ -129,11 +126,6 @@ def assert_same_run(got: Path, want: Path) -> None:
     assert _untimed_md(got / "report.md") == _untimed_md(want / "report.md")
 
 
-def _in_process(*args: str) -> Result:
-    """The CLI in this process: for the refusals, which train nothing (a process costs seconds)."""
-    return CliRunner().invoke(app, list(args))
-
-
 def _killed(kill: tuple[str, str, int], out: Path, *args: str) -> list[str]:
     """Run the CLI with ``args`` until the kill point; the names in ``out`` afterwards."""
     name, when, nth = kill
@@ -158,14 +150,14 @@ def test_a_run_killed_at_fixed_points_in_turn_is_continued_to_the_uninterrupted_
         if "config.toml" not in left:
             # Nothing says which config it was: --resume says how to start again (the next
             # fresh run in the list follows that advice: only temporary files count as empty)
-            refused = _in_process("run", "--resume", str(out))
-            assert refused.exit_code == 2 and len(refused.stderr.strip().splitlines()) == 1, (state, refused.stderr)
+            refused = cli_in_process("run", "--resume", str(out))
+            assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, (state, refused.stderr)
             assert "stopped before it wrote its config" in refused.stderr
             assert f"secateurs run CONFIG --out {out}" in refused.stderr
         elif "report.json" not in left:
             # --out on the folder of an unfinished run: one line naming the command that continues it
-            refused = _in_process("run", *args, "--out", str(out))
-            assert refused.exit_code == 2 and len(refused.stderr.strip().splitlines()) == 1, (state, refused.stderr)
+            refused = cli_in_process("run", *args, "--out", str(out))
+            assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, (state, refused.stderr)
             assert f"continue that run with: secateurs run --resume {out}" in refused.stderr
             assert sorted(p.name for p in out.iterdir()) == left, state  # nothing touched
     # killed just after its report: finished, and --resume is a no-op
@@ -206,7 +198,7 @@ def test_malicious_pickle_is_refused_by_inspect_and_resume(tmp_path: Path) -> No
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     evil.write_bytes(pickle.dumps({"state": _PlantsAFile(marker)}))
-    result = _cli("inspect", str(evil))
+    result = cli_in_process("inspect", str(evil))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
 
@@ -214,7 +206,7 @@ def test_malicious_pickle_is_refused_by_inspect_and_resume(tmp_path: Path) -> No
     run_dir.mkdir()
     (run_dir / "config.toml").write_text("")
     (run_dir / "checkpoint.safetensors").write_bytes(evil.read_bytes())
-    result = _cli("run", "--resume", str(run_dir))
+    result = cli_in_process("run", "--resume", str(run_dir))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert not marker.exists()
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.safetensors", "config.toml"]
@@ -227,7 +219,7 @@ def test_corrupted_checkpoint_is_a_clear_error_and_changes_nothing(tmp_path: Pat
     ckpt = out / "checkpoint.safetensors"
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    result = _cli("run", "--resume", str(out))
+    result = cli_in_process("run", "--resume", str(out))
     assert result.returncode == 2 and "corrupted" in result.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
@@ -270,7 +262,7 @@ def test_nonfinite_error_names_epoch_and_step_and_keeps_files(tmp_path: Path) ->
 def test_unwritable_output_is_reported_without_traceback(tmp_path: Path) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("keep me")
-    result = _cli("run", "--out", str(blocker / "sub"))
+    result = cli_in_process("run", "--out", str(blocker / "sub"))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert blocker.read_text() == "keep me"
@@ -280,7 +272,7 @@ def test_non_empty_output_folder_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "run"
     out.mkdir()
     (out / "report.json").write_text("{}")
-    result = _cli("run", "--out", str(out))
+    result = cli_in_process("run", "--out", str(out))
     assert result.returncode == 2 and "is not empty" in result.stderr
     assert (out / "report.json").read_text() == "{}"
 

@@ -17,6 +17,11 @@ from tests.keras_cases.support import compile_, data, grads_like, mlp, numpy, te
 BACKEND = keras.backend.backend()
 
 
+SHAPES = [(6, 5), (5,), (5, 3), (3,)]
+"""The shapes of ``support.mlp()``'s variables, used by every eager case: JAX compiles each
+eager op once per shape, so one set of shapes is compiled once for the whole file."""
+
+
 def _restore(variables, saved):
     for v, w in zip(variables, saved, strict=True):
         v.assign(w)
@@ -47,7 +52,7 @@ def test_rule_equals_keras_own_clipping(keras_kw, rule):
 
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.0, math.inf])
 def test_global_norm_equals_torch_clip_grad_norm(p):
-    shapes = [(6, 5), (5,), (5, 3), (3,)]
+    shapes = SHAPES
     variables = [keras.Variable(np.zeros(s, "float32")) for s in shapes]
     grads = grads_like(variables, seed=2, scale=2.0)
     out, stats = sk.GlobalNorm(1.5, norm_type=p).clip([ops.convert_to_tensor(g) for g in grads], variables)
@@ -92,7 +97,7 @@ def test_agc_equals_pytorch_agc_on_the_same_units():
 def _norm_sequence(steps: int = 40, nan_at: int = 30):
     """Gradient lists whose norms wander, spike now and then, and are NaN once."""
     rng = np.random.default_rng(4)
-    shapes = [(4, 3), (3,), (3, 2)]
+    shapes = SHAPES
     seq = []
     for t in range(steps):
         scale = 1.0 + 0.3 * np.sin(t) + (8.0 if t % 9 == 7 else 0.0)

@@ -30,6 +30,13 @@ def ci_allows_skip(reason: str) -> bool:
     return "cuda" in reason.lower()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with slow tests first (each module kept together, so its module-scoped fixtures
+    are made once): under ``-n 2`` the long runs start early instead of ending last on one worker."""
+    slow_modules = {item.module for item in items if item.get_closest_marker("slow")}  # type: ignore[attr-defined]
+    items.sort(key=lambda item: getattr(item, "module", None) not in slow_modules)
+
+
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     """``keras_cases/`` is entered only when named: test_keras.py runs its cases in one process
     per backend, and its conftest imports keras for that process's backend (in this process it

@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each test runs pytest in a fresh interpreter
+
 SKIPPING_TESTS = '''
 import pytest
 

@@ -194,6 +194,7 @@ save_file({"w": torch.zeros(2)}, sys.argv[2], metadata=metadata | {"secateurs.fo
 """
 
 
+@pytest.mark.slow
 def test_the_same_model_saved_by_different_processes_is_byte_identical_with_sorted_metadata(tmp_path: Path) -> None:
     import os
     import subprocess

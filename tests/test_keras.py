@@ -50,24 +50,23 @@ def _launch(backend: str) -> subprocess.Popen[str]:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root)
 
 
-@pytest.mark.slow
-def test_keras_cases_on_every_installed_backend() -> None:
-    """The backends run at once, each in its own process (most of each run is single-threaded
-    importing, tracing and compiling, so two cores take them side by side)."""
+def test_a_keras_backend_is_installed() -> None:
     assert BACKENDS, "no Keras backend installed"
-    procs = {b: _launch(b) for b in BACKENDS}
-    failures = []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keras_cases_on_the_backend(backend: str) -> None:
+    """One test per backend, so that pytest's workers take them side by side (most of each run
+    is single-threaded importing, tracing and compiling)."""
+    proc = _launch(backend)
     try:
-        for backend, proc in procs.items():
-            out, _ = proc.communicate(timeout=900)
-            if proc.returncode != 0:
-                failures.append(f"KERAS_BACKEND={backend} (exit {proc.returncode}):\n{out[-8000:]}")
+        out, _ = proc.communicate(timeout=900)
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert not failures, "\n\n".join(failures)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, f"KERAS_BACKEND={backend} (exit {proc.returncode}):\n{out[-8000:]}"
 
 
 def test_core_never_imports_keras() -> None:

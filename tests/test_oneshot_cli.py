@@ -127,6 +127,36 @@ def test_a_state_dict_with_its_factory_is_written_back_as_safetensors(tmp_path: 
     assert torch.equal(pruned["bias"], state["bias"])
 
 
+def test_refine_reaches_the_library_result_and_is_refused_for_other_methods(tmp_path: Path) -> None:
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    from secateurs import prune
+
+    torch.manual_seed(0)
+    state = {"weight": torch.randn(16, 8), "bias": torch.randn(16)}
+    save_file(state, str(tmp_path / "lin.safetensors"))
+    x = np.random.default_rng(0).standard_normal((64, 8)).astype("float32")
+    np.savez(tmp_path / "x.npz", x=x)
+    common = [str(tmp_path / "lin.safetensors"), "--factory", "test_oneshot_cli:linear_16_8", "--calibration",
+              str(tmp_path / "x.npz"), "--pattern", "2:4", "--quiet"]
+    got = {}
+    for refine in (0, 10):
+        code, _, stderr = _prune(*common, "--method", "sparsegpt", "--refine", str(refine), "--out", str(tmp_path / f"r{refine}"))
+        assert code == 0, stderr
+        got[refine] = load_file(str(tmp_path / f"r{refine}" / "lin.safetensors"))["weight"]
+        assert json.loads((tmp_path / f"r{refine}" / "report.json").read_text())["refine"] == refine
+    model = linear_16_8()
+    model.load_state_dict(state)
+    prune.oneshot(model, [torch.from_numpy(x)], method="sparsegpt", pattern="2:4", refine=10, progress=False)
+    torch.testing.assert_close(got[10], model.weight.detach())
+    assert torch.equal(got[10] != 0, got[0] != 0) and not torch.equal(got[10], got[0])  # same mask, other weights
+
+    code, _, stderr = _prune(*common, "--method", "wanda", "--refine", "5", "--out", str(tmp_path / "no"))
+    assert code == 2 and len(stderr.strip().splitlines()) == 1 and "--refine: got 5" in stderr, stderr
+    assert not (tmp_path / "no").exists()
+
+
 def _no_tokenizer(tiny_lm: Path, tmp_path: Path) -> Path:
     folder = tmp_path / "bare"
     folder.mkdir()

@@ -14,7 +14,7 @@ __all__ = ["OPTION_NAMES", "list_targets", "prune_pretrained"]
 
 OPTION_NAMES = {
     "model": "MODEL", "calibration": "--calibration", "method": "--method", "sparsity": "--sparsity",
-    "pattern": "--pattern", "group": "--group", "owl": "--owl", "damping": "--damping", "targets": "--target",
+    "pattern": "--pattern", "group": "--group", "owl": "--owl", "damping": "--damping", "refine": "--refine", "targets": "--target",
     "exclude": "--exclude", "seq_len": "--seq-len", "samples": "--samples", "batch_size": "--batch-size",
 }
 """Library argument -> the CLI option a user typed, for error messages."""
@@ -36,8 +36,10 @@ def prune_pretrained(
     model: str, *, calibration: Path | None, evaluation: Path | None, method: str, sparsity: float | None,
     pattern: str | None, group: str, owl: bool, damping: float, factory: str | None, exclude: list[str],
     seq_len: int, samples: int, batch_size: int, out: Path, progress: bool, targets: list[str] | None = None,
+    refine: int = 0,
 ) -> dict[str, Any]:
-    """Prune ``model`` and write it with its report into ``out`` (which must not exist yet)."""
+    """Prune ``model`` and write it with its report into ``out`` (which must not exist yet).
+    ``refine`` is :func:`secateurs.prune.oneshot`'s (SparseGPT only)."""
     from secateurs import prune
     from secateurs.pretrained.models import quiet_transformers
 
@@ -50,18 +52,20 @@ def prune_pretrained(
         check(sparsity is not None or pattern is not None, "sparsity", sparsity, "a number in [0, 1), or --pattern N:M")
         for value, name in ((seq_len, "seq_len"), (samples, "samples"), (batch_size, "batch_size")):
             check_int(value, name, minimum=1)
+        check_int(refine, "refine", minimum=0)
+        check(not refine or method == "sparsegpt", "refine", refine, "0, or a number of iterations with --method sparsegpt")
         check(calibration is not None or (method == "magnitude" and not owl), "calibration", None,
               f"a data file or image folder: {method if method != 'magnitude' else '--owl'} needs calibration data")
     check(not out.exists(), "--out", str(out), "a folder that does not exist yet (nothing is overwritten)")
     with quiet_transformers():
         return _prune(model, calibration, evaluation, method, sparsity, pattern, group, owl, damping, factory,
-                      targets, exclude, seq_len, samples, batch_size, out, progress)
+                      targets, exclude, seq_len, samples, batch_size, out, progress, refine)
 
 
 def _prune(
     model: str, calibration: Path | None, evaluation: Path | None, method: str, sparsity: float | None,
     pattern: str | None, group: str, owl: bool, damping: float, factory: str | None, targets: list[str] | None,
-    exclude: list[str], seq_len: int, samples: int, batch_size: int, out: Path, progress: bool,
+    exclude: list[str], seq_len: int, samples: int, batch_size: int, out: Path, progress: bool, refine: int,
 ) -> dict[str, Any]:
     from secateurs import prune
     from secateurs.pretrained.data import read_batches
@@ -77,7 +81,7 @@ def _prune(
     with config_keys("--", OPTION_NAMES):
         result = prune.oneshot(
             loaded.model, batches, method=method, sparsity=sparsity, pattern=pattern, group=group, owl=owl,
-            damping=damping, targets=targets or None, exclude=exclude, progress=progress,
+            damping=damping, targets=targets or None, exclude=exclude, progress=progress, refine=refine,
         )
     quality: dict[str, Any] = {}
     if dense is not None and eval_batches is not None:
@@ -85,7 +89,7 @@ def _prune(
         quality = {"dense": dense.summary(), "pruned": pruned.summary(), "agreement": agreement(dense, pruned)}
     header = {
         "model": str(model), "format": loaded.kind, "method": method, "pattern": pattern, "group": group,
-        "owl": owl, "damping": damping, "calibration": None if calibration is None else str(calibration),
+        "owl": owl, "damping": damping, "refine": refine, "calibration": None if calibration is None else str(calibration),
         "eval": None if evaluation is None else str(evaluation), "samples": samples, "seq_len": seq_len,
         "targets": list(targets or []), "exclude": list(exclude),
     }

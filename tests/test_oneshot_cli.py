@@ -101,15 +101,23 @@ def test_a_causal_lm_is_pruned_end_to_end_with_perplexity_and_reloads(tiny_lm: P
         assert (out / name).read_bytes() == (again / name).read_bytes(), name
 
 
-def test_a_state_dict_with_its_factory_is_written_back_as_safetensors(tmp_path: Path) -> None:
+def _linear_state(tmp_path: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A Linear(8, 16) state dict in tmp_path/lin.safetensors, 64 inputs in tmp_path/x.npz."""
     import numpy as np
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     torch.manual_seed(0)
     state = {"weight": torch.randn(16, 8), "bias": torch.randn(16)}
     save_file(state, str(tmp_path / "lin.safetensors"))
     x = np.random.default_rng(0).standard_normal((64, 8)).astype("float32")
     np.savez(tmp_path / "x.npz", x=x)
+    return state, torch.from_numpy(x)
+
+
+def test_a_state_dict_with_its_factory_is_written_back_as_safetensors(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    state, x = _linear_state(tmp_path)
     out = tmp_path / "out"
     code, _, stderr = _prune(str(tmp_path / "lin.safetensors"), "--factory", "tests_factory_stub:make",
                                   "--calibration", str(tmp_path / "x.npz"), "--method", "wanda",
@@ -120,7 +128,7 @@ def test_a_state_dict_with_its_factory_is_written_back_as_safetensors(tmp_path: 
                                   "--sparsity", "0.25", "--out", str(out), "--quiet")
     assert code == 0, stderr
     pruned = load_file(str(out / "lin.safetensors"))
-    norms = torch.from_numpy(x).square().sum(0).sqrt()
+    norms = x.square().sum(0).sqrt()
     score = state["weight"].abs() * norms
     expected = torch.ones(16, 8, dtype=torch.bool).scatter_(1, score.argsort(1)[:, :2], False)
     assert torch.equal(pruned["weight"] != 0, expected)
@@ -128,16 +136,11 @@ def test_a_state_dict_with_its_factory_is_written_back_as_safetensors(tmp_path: 
 
 
 def test_refine_reaches_the_library_result_and_is_refused_for_other_methods(tmp_path: Path) -> None:
-    import numpy as np
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from secateurs import prune
 
-    torch.manual_seed(0)
-    state = {"weight": torch.randn(16, 8), "bias": torch.randn(16)}
-    save_file(state, str(tmp_path / "lin.safetensors"))
-    x = np.random.default_rng(0).standard_normal((64, 8)).astype("float32")
-    np.savez(tmp_path / "x.npz", x=x)
+    state, x = _linear_state(tmp_path)
     common = [str(tmp_path / "lin.safetensors"), "--factory", "test_oneshot_cli:linear_16_8", "--calibration",
               str(tmp_path / "x.npz"), "--pattern", "2:4", "--quiet"]
     got = {}
@@ -148,7 +151,7 @@ def test_refine_reaches_the_library_result_and_is_refused_for_other_methods(tmp_
         assert json.loads((tmp_path / f"r{refine}" / "report.json").read_text())["refine"] == refine
     model = linear_16_8()
     model.load_state_dict(state)
-    prune.oneshot(model, [torch.from_numpy(x)], method="sparsegpt", pattern="2:4", refine=10, progress=False)
+    prune.oneshot(model, [x], method="sparsegpt", pattern="2:4", refine=10, progress=False)
     torch.testing.assert_close(got[10], model.weight.detach())
     assert torch.equal(got[10] != 0, got[0] != 0) and not torch.equal(got[10], got[0])  # same mask, other weights
 

@@ -165,6 +165,8 @@ def sparsegpt(
 
 
 def _dampened(hessian: torch.Tensor, damping: float) -> torch.Tensor:
+    """A float32 copy of ``hessian`` with 1 on the diagonal of dead columns (inputs always zero)
+    and ``damping * mean(diag)`` added to the diagonal."""
     h = hessian.to(torch.float32, copy=True)
     dead = h.diagonal() == 0
     h[dead, dead] = 1
@@ -183,8 +185,7 @@ def dense_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tenso
     >>> dense_target(torch.tensor([[1.0, -1.0]]), h, h, 0.0)  # same inputs: the same weights
     tensor([[ 1.0000, -1.0000]])
     """
-    h = hessian.to(torch.float32)
-    dead = h.diagonal() == 0
+    dead = hessian.diagonal() == 0
     inverse = inverse_hessian(_dampened(hessian, 0.0), damping, name=name)
     target = (weight.to(torch.float32) @ cross.to(torch.float32).T) @ inverse.factor.T @ inverse.factor
     target[:, dead] = weight[:, dead].to(torch.float32)
@@ -238,10 +239,9 @@ def _sparsegpt(
     group: str, damping: float, block_size: int, run: int | None, name: str,
 ) -> tuple[torch.Tensor, InverseHessian]:
     w = weight.clone()
-    h = hessian.to(torch.float32, copy=True)
+    h = _dampened(hessian, 0.0)
     columns = w.shape[1]
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1
+    dead = hessian.diagonal() == 0
     w[:, dead] = 0
     inverse = inverse_hessian(h, damping, name=name)
     hinv = inverse.factor

@@ -359,12 +359,13 @@ def _shapes_on_meta(model: nn.Module, example_inputs: Inputs) -> list[tuple[int,
     forward cannot run on meta (a value read with ``.item()``, a tensor the model makes on its
     own device, an op without a meta kernel)."""
     state = {name: t.to("meta") for name, t in (*model.named_parameters(), *model.named_buffers())}
-    inputs = to_device(example_inputs, "meta")
-    args, kwargs = ((), inputs) if isinstance(inputs, dict) else (tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,), {})
+    def on_meta(*args: Any, **kwargs: Any) -> Any:
+        return torch.func.functional_call(model, state, args, kwargs, tie_weights=True, strict=False)
+
     try:
         with torch.no_grad(), warnings.catch_warnings(), _ConvChannels():
             warnings.simplefilter("ignore")
-            return output_shapes(torch.func.functional_call(model, state, args, kwargs, tie_weights=True, strict=False))
+            return output_shapes(forward(on_meta, to_device(example_inputs, "meta")))  # inputs spread as for the real pass
     except Exception:
         return None
 

@@ -54,27 +54,34 @@ class InverseHessian:
 
 
 def inverse_hessian(hessian: torch.Tensor, damping: float, *, name: str = "layer") -> InverseHessian:
-    """Dampen ``hessian`` (float32, dead columns already fixed), invert it by Cholesky and return
-    the upper Cholesky factor of the inverse; the dampening grows tenfold on every failure (the
-factorisation fails, or a pivot is within rounding of zero: ``L_ii^2 <= 16 eps H_ii``).
+    """Dampen ``hessian`` (float32; the diagonal of dead columns, inputs always zero, is set to
+    1), invert it by Cholesky and return the upper Cholesky factor of the inverse; the
+    dampening grows tenfold on every failure (the factorisation fails, or a pivot is within
+    rounding of zero: ``L_ii^2 <= 16 eps H_ii``).
+
+    ``hessian`` is left as it is. At most two other ``columns x columns`` matrices live at any
+    moment (the dampened copy and its factor, the factor and the inverse, the inverse and its
+    factor), which bounds the peak memory of a wide layer.
 
     >>> h = torch.tensor([[2.0, 1.0], [1.0, 2.0]])
     >>> inv = inverse_hessian(h, 0.0)
     >>> torch.allclose(inv.factor.T @ inv.factor, torch.linalg.inv(h)), inv.attempts
     (True, 1)
     """
-    mean = float(hessian.diagonal().mean())
     fraction = float(damping)
-    eye = torch.arange(hessian.shape[0], device=hessian.device)
     for attempt in range(1, _MAX_ATTEMPTS + 1):
-        damped = hessian.clone()
-        damped[eye, eye] += fraction * mean
+        damped = _dampened(hessian, fraction)
+        diagonal = damped.diagonal().clone()
         lower, info = torch.linalg.cholesky_ex(damped)
-        if int(info) == 0 and _pivots_sound(lower, damped):
+        del damped
+        if int(info) == 0 and _pivots_sound(lower, diagonal):
             inverse = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
                 return InverseHessian(upper, fraction, attempt)
+            del upper
         fraction = fraction * _GROWTH if fraction > 0 else 1e-8
     raise SecateursError(
         f"calibration: got a Hessian for {name} that stays singular with dampening up to {fraction:g} "
@@ -98,11 +105,12 @@ def _one_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _pivots_sound(lower: torch.Tensor, damped: torch.Tensor) -> bool:
+def _pivots_sound(lower: torch.Tensor, diagonal: torch.Tensor) -> bool:
     """Whether no Cholesky pivot is lost in rounding: a singular matrix often factorises in
-    float32 with pivots of the size of the rounding error in ``H_ii``, whose inverse is noise."""
+    float32 with pivots of the size of the rounding error in ``H_ii`` (``diagonal``), whose
+    inverse is noise."""
     eps = torch.finfo(lower.dtype).eps
-    return bool((lower.diagonal().square() > _PIVOT * eps * damped.diagonal()).all())
+    return bool((lower.diagonal().square() > _PIVOT * eps * diagonal).all())
 
 
 def _groups(columns: int, run: int, m: int) -> list[tuple[int, int]]:
@@ -186,7 +194,7 @@ def dense_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tenso
     tensor([[ 1.0000, -1.0000]])
     """
     dead = hessian.diagonal() == 0
-    inverse = inverse_hessian(_dampened(hessian, 0.0), damping, name=name)
+    inverse = inverse_hessian(hessian, damping, name=name)
     target = (weight.to(torch.float32) @ cross.to(torch.float32).T) @ inverse.factor.T @ inverse.factor
     target[:, dead] = weight[:, dead].to(torch.float32)
     return target
@@ -239,11 +247,10 @@ def _sparsegpt(
     group: str, damping: float, block_size: int, run: int | None, name: str,
 ) -> tuple[torch.Tensor, InverseHessian]:
     w = weight.clone()
-    h = _dampened(hessian, 0.0)
     columns = w.shape[1]
     dead = hessian.diagonal() == 0
     w[:, dead] = 0
-    inverse = inverse_hessian(h, damping, name=name)
+    inverse = inverse_hessian(hessian, damping, name=name)
     hinv = inverse.factor
     groups = _groups(columns, run or columns, pattern[1]) if pattern else None
     starts = {s: e for s, e in groups} if groups else {}

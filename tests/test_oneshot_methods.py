@@ -145,6 +145,27 @@ def test_dead_inputs_zero_their_weights_and_do_not_break_the_inverse() -> None:
     assert result.layers[0].damping_attempts == 1 and torch.isfinite(layer.weight).all()
 
 
+@pytest.mark.parametrize("damping", [0.01, 0.0])
+def test_the_in_place_inverse_is_torchs_out_of_place_chain_bit_for_bit(damping: float) -> None:
+    from secateurs.prune.calibration.sparsegpt import inverse_hessian
+
+    x = _data(24, 40)  # 24 rows for 40 columns: rank-deficient, so damping 0 must grow
+    x[:, 5] = 0  # a dead input
+    h = x.T @ x
+    before = h.clone()
+    found = inverse_hessian(h, damping)
+    assert torch.equal(h, before)  # the Hessian is left as it is
+    reference = h.clone()
+    reference[5, 5] = 1
+    reference.diagonal().add_(found.damping * float(reference.diagonal().mean()))
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(reference)), upper=True)
+    assert torch.equal(found.factor, upper)
+    assert (found.attempts > 1) == (damping == 0.0)
+    if damping:  # well conditioned: the factor is that of the inverse
+        inverse = torch.linalg.inv(reference.double())
+        assert torch.allclose((found.factor.T @ found.factor).double(), inverse, rtol=1e-3, atol=1e-4 * float(inverse.abs().max()))
+
+
 def test_magnitude_needs_no_data_and_others_do() -> None:
     layer = _linear(8, 4)
     w = layer.weight.detach().clone()

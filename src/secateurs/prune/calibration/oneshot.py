@@ -322,8 +322,8 @@ def _unit_ratio(unit: Unit, stats: dict[str, InputStats], m: float) -> float:
 def _relative_error(before: torch.Tensor, after: torch.Tensor, hessian: torch.Tensor) -> float:
     """``||W X - W' X|| / ||W X||`` from ``H = X^T X``, with no pass over the data."""
     delta = before - after
-    num = float(((delta @ hessian) * delta).sum())
-    den = float(((before @ hessian) * before).sum())
+    num = float((delta @ hessian).mul_(delta).sum())
+    den = float((before @ hessian).mul_(before).sum())
     return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
 
 

@@ -163,7 +163,7 @@ def sparsegpt(
     options beyond the paper.
     """
     with _one_thread(weight.device):
-        w = weight.to(torch.float32, copy=True)
+        w = weight.to(torch.float32)  # never written: _sparsegpt works on its own copy
         if cross is not None:
             w = dense_target(w, hessian, cross, damping, name=name)
         pruned, inverse = _sparsegpt(w, hessian, sparsity, pattern, group, damping, block_size, run, name)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from secateurs._memory import release_freed_memory
 from secateurs.errors import SecateursError
 from secateurs.inputs import forward, tensors_of, to_device
 from secateurs.prune.calibration.stats import InputStats, Recorder, StopForward, supports
@@ -393,12 +394,14 @@ def calibrate(
                 recorder = Recorder(remaining, hessian=hessian, absolute=absolute, one_group=True)
                 with recorder.record():
                     _run_block(unit.block, carry, batches, recorder, False, offload, twin, remaining)
+                release_freed_memory()  # the pass's activations, before the Hessians are inverted
                 group = [t for t in remaining if t.name in recorder.group]
                 if not group:
                     break
                 prune_unit(unit, group, recorder.stats)
                 pruned_any = True
                 del recorder
+                release_freed_memory()
                 pruned = {t.name for t in group}
                 remaining = [t for t in remaining if t.name not in pruned]
             done = {t.name for t in unit.targets if supports(t)} - {t.name for t in remaining}
@@ -410,6 +413,7 @@ def calibrate(
             if following is not None and following.chained and following.seen:
                 carry = _run_block(unit.block, carry, batches, None, True, offload)
                 dense_carry = None if twin is None else _run_block(twin.block, twin.inputs, batches, None, True, offload)
+                release_freed_memory()
             else:
                 carry = dense_carry = None
             del twin
@@ -575,6 +579,7 @@ class Streamed:
         self.handle.flush()  # read back through another handle by later forwards
         self.loaded.discard(prefix)
         self.pinned.discard(prefix)
+        release_freed_memory()  # the block's weights are gone: keep the peak at one block
 
     def _write(self, key: str, value: torch.Tensor) -> None:
         dtype, shape, begin, end = self.file.entries[key]

@@ -8,6 +8,8 @@
 # 3. train.device (issue 16): tests/test_device.py (its CUDA test runs the whole CLI on the GPU,
 #    checks model, masks and optimizer state live there and the files load on the CPU), then
 #    one short `secateurs run --set train.device=cuda` whose report must say cuda:0.
+# 4. One-shot SparseGPT on CUDA (issue 18): the in-place Cholesky chain and a pruned layer
+#    against the CPU (tests/test_oneshot_methods.py -k cuda).
 #
 # Packages the machine lacks can come as wheels in .whl/ (see the device notes); they are
 # installed to /tmp/site first. Output goes to stdout and, when OUT is set, to $OUT/.
@@ -23,6 +25,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 python3 -m pytest -q -p no:cacheprovider tests/test_clip_cuda.py 2>&1 | tee "$log/cuda_tests.txt"
 python3 bench/clip.py --device cuda --rounds 50 --launches 2>&1 | tee "$log/bench_cuda.txt"
 python3 -m pytest -q -p no:cacheprovider tests/test_device.py 2>&1 | tee "$log/device_tests.txt"
+python3 -m pytest -q -p no:cacheprovider tests/test_oneshot_methods.py -k cuda 2>&1 | tee "$log/oneshot_cuda_tests.txt"
 rm -rf /tmp/gpu_run
 python3 -m secateurs run --quiet --out /tmp/gpu_run --set train.device=cuda --set train.epochs=3 \
     --set prune.epochs=3 --set prune.finetune_epochs=2 --set data.limit=600 2>&1 | tee "$log/gpu_run.txt"

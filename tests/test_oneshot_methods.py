@@ -166,6 +166,24 @@ def test_the_in_place_inverse_is_torchs_out_of_place_chain_bit_for_bit(damping: 
         assert torch.allclose((found.factor.T @ found.factor).double(), inverse, rtol=1e-3, atol=1e-4 * float(inverse.abs().max()))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sparsegpt_on_cuda_factorises_in_place_and_prunes_as_on_the_cpu() -> None:
+    from secateurs.prune.calibration.sparsegpt import inverse_hessian
+
+    x = _data(96, 48)
+    h = (x.T @ x).cuda()
+    found = inverse_hessian(h, 0.01)
+    reference = h.clone()
+    reference.diagonal().add_(0.01 * float(reference.diagonal().mean()))
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(reference)), upper=True)
+    assert found.factor.is_cuda and torch.allclose(found.factor, upper, rtol=1e-5, atol=1e-6)
+    cpu, gpu = _linear(48, 16), _linear(48, 16).cuda()
+    prune.oneshot(cpu, [x], method="sparsegpt", sparsity=0.5)
+    prune.oneshot(gpu, [x.cuda()], method="sparsegpt", sparsity=0.5)
+    assert torch.allclose(gpu.weight.cpu(), cpu.weight, rtol=1e-3, atol=1e-4)
+    assert float((gpu.weight == 0).float().mean()) == 0.5
+
+
 def test_magnitude_needs_no_data_and_others_do() -> None:
     layer = _linear(8, 4)
     w = layer.weight.detach().clone()

@@ -196,7 +196,8 @@ def main() -> None:
                         help="also prune each depth with llm-compressor's SparseGPT 50%% and compare peak memory")
     parser.add_argument("--llmc-python", type=Path, help="a python that imports llmcompressor (default: "
                         "bench/oneshot.py's venv, bench/out/llmc-venv, built if missing)")
-    parser.add_argument("--llmc-timeout", type=float, default=1800.0, help="seconds allowed per llm-compressor depth")
+    parser.add_argument("--llmc-timeout", type=float, default=7200.0,
+                        help="seconds allowed per llm-compressor depth (it takes about 2 min of one core per block here)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--cell", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,7 +42,7 @@ def peak_mb() -> float:
 
 
 def status_mb(field: str) -> float:
-    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, from /proc."""
+    """A memory field of this process from /proc/self/status (``VmRSS``: resident now)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
@@ -125,11 +126,11 @@ def prune_one(layers: int, folder: Path, method: str) -> dict:
     started = time.perf_counter()
     result = prune.calibration.oneshot_streamed(model, path, out, data, method=method, sparsity=0.5, exclude=["lm_head"])
     seconds = time.perf_counter() - started
-    peak, hwm = peak_mb(), status_mb("VmHWM")
+    peak = peak_mb()
     with safe_open(str(out), "pt") as f:
         measured = sparsity_of((k, f.get_tensor(k)) for k in f.keys())  # noqa: SIM118 (a safe_open handle is not iterable)
     hidden = SAMPLES * SEQ_LEN * SHAPE["hidden_size"] * 4
-    return {"layers": layers, "tool": "secateurs", "method": method, "peak_rss_mb": peak, "vmhwm_mb": hwm,
+    return {"layers": layers, "tool": "secateurs", "method": method, "peak_rss_mb": peak,
             "peak_rss_mb_before": before, "rss_mb_before": rss_before, "prune_seconds": seconds,
             "sparsity": result.sparsity, **measured, "weights_mb": path.stat().st_size / 2**20,
             "one_block_activations_mb": hidden / 2**20, "out_mb": out.stat().st_size / 2**20}
@@ -157,10 +158,10 @@ def prune_llmc(layers: int, folder: Path) -> dict:
     oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=SAMPLES, max_seq_length=SEQ_LEN,
             sequential_targets=["LlamaDecoderLayer"])
     seconds = time.perf_counter() - started
-    peak, hwm = peak_mb(), status_mb("VmHWM")
+    peak = peak_mb()
     with torch.no_grad():
         measured = sparsity_of(model.state_dict().items())
-    return {"layers": layers, "tool": "llmcompressor", "method": "sparsegpt", "peak_rss_mb": peak, "vmhwm_mb": hwm,
+    return {"layers": layers, "tool": "llmcompressor", "method": "sparsegpt", "peak_rss_mb": peak,
             "peak_rss_mb_before": before, "rss_mb_before": rss_before, "prune_seconds": seconds, **measured}
 
 
@@ -177,6 +178,11 @@ def run_llmc(python: Path, layers: int, folder: Path, timeout: float) -> dict | 
             return json.loads(line[7:])
     print(f"llm-compressor, {layers} layers, failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr, flush=True)
     return None
+
+
+def field(row: dict | None, key: str, spec: str) -> str:
+    """``row[key]`` formatted by ``spec``, or n/a for a run that gave no row."""
+    return "n/a" if row is None else format(row[key], spec)
 
 
 def cell(command: list[str]) -> str:
@@ -252,21 +258,14 @@ def main() -> None:
                 if ref is not None:
                     ref["load"] = os.getloadavg()[0]
                 row["llmcompressor"] = ref
-                theirs = ("n/a",) * 3 if ref is None else (
-                    f"{ref['peak_rss_mb']:.0f}", f"{row['peak_rss_mb'] / ref['peak_rss_mb']:.2f}",
-                    f"{ref['rss_mb_before']:.0f}")
-                print(f"| {layers} | {row['weights_mb']:.0f} | {row['peak_rss_mb']:.0f} | {theirs[0]} | {theirs[1]} | "
-                      f"{row['rss_mb_before']:.0f} | {theirs[2]} | {row['prune_seconds']:.1f} | "
-                      + ("n/a" if ref is None else f"{ref['prune_seconds']:.1f}")
-                      + f" | {row['block_sparsity']:.3f} | "
-                      + ("n/a" if ref is None else f"{ref['block_sparsity']:.3f}")
-                      + f" | {row['lm_head_sparsity']:.3f} / "
-                      + ("n/a" if ref is None else f"{ref['lm_head_sparsity']:.3f}")
-                      + f" | {load:.1f}" + ("" if ref is None else f" / {ref['load']:.1f}") + " |", flush=True)
+                ratio = "n/a" if ref is None else f"{row['peak_rss_mb'] / ref['peak_rss_mb']:.2f}"
+                print(f"| {layers} | {row['weights_mb']:.0f} | {row['peak_rss_mb']:.0f} | {field(ref, 'peak_rss_mb', '.0f')} | "
+                      f"{ratio} | {row['rss_mb_before']:.0f} | {field(ref, 'rss_mb_before', '.0f')} | "
+                      f"{row['prune_seconds']:.1f} | {field(ref, 'prune_seconds', '.1f')} | {row['block_sparsity']:.3f} | "
+                      f"{field(ref, 'block_sparsity', '.3f')} | {row['lm_head_sparsity']:.3f} / {field(ref, 'lm_head_sparsity', '.3f')} | "
+                      f"{load:.1f} / {field(ref, 'load', '.1f')} |", flush=True)
             rows.append(row)
-            for path in folder.iterdir():
-                path.unlink()
-            folder.rmdir()
+            shutil.rmtree(folder)
     end_load = os.getloadavg()
     print(f"load: {end_load[0]:.2f} (1 min)")
     if args.json:

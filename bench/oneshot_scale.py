@@ -131,14 +131,15 @@ def prune_one(layers: int, folder: Path, method: str) -> dict:
         measured = sparsity_of((k, f.get_tensor(k)) for k in f.keys())  # noqa: SIM118 (a safe_open handle is not iterable)
     hidden = SAMPLES * SEQ_LEN * SHAPE["hidden_size"] * 4
     return {"layers": layers, "tool": "secateurs", "method": method, "peak_rss_mb": peak,
-            "peak_rss_mb_before": before, "rss_mb_before": rss_before, "prune_seconds": seconds,
-            "sparsity": result.sparsity, **measured, "weights_mb": path.stat().st_size / 2**20,
+            "peak_rss_mb_before": before, "rss_mb_before": rss_before, "rss_mb_imports": rss_before,
+            "prune_seconds": seconds, "sparsity": result.sparsity, **measured, "weights_mb": path.stat().st_size / 2**20,
             "one_block_activations_mb": hidden / 2**20, "out_mb": out.stat().st_size / 2**20}
 
 
 def prune_llmc(layers: int, folder: Path) -> dict:
     """llm-compressor's SparseGPT 50% on the same folder and ids (run by its own venv's python)."""
     import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401 (imported by the load below: counted with the imports)
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import SparseGPTModifier
@@ -147,6 +148,7 @@ def prune_llmc(layers: int, folder: Path) -> dict:
 
     torch.manual_seed(0)
     ids = load_file(str(folder.parent / "calibration.safetensors"))["input_ids"]
+    rss_imports = status_mb("VmRSS")
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     # "re:.*lm_head", as llm-compressor's docs write it: with targets=["Linear"] it names the
@@ -162,7 +164,8 @@ def prune_llmc(layers: int, folder: Path) -> dict:
     with torch.no_grad():
         measured = sparsity_of(model.state_dict().items())
     return {"layers": layers, "tool": "llmcompressor", "method": "sparsegpt", "peak_rss_mb": peak,
-            "peak_rss_mb_before": before, "rss_mb_before": rss_before, "prune_seconds": seconds, **measured}
+            "peak_rss_mb_before": before, "rss_mb_before": rss_before, "rss_mb_imports": rss_imports,
+            "prune_seconds": seconds, **measured}
 
 
 def run_llmc(python: Path, layers: int, folder: Path, timeout: float) -> dict | None:
@@ -225,6 +228,7 @@ def main() -> None:
         from oneshot import llmc_python  # bench/oneshot.py, as its llm-compressor cell imports it
 
         python = args.llmc_python or llmc_python(args.llmc_timeout)
+        python = None if python is None else python.absolute()  # the cells run in the scratch folder
         if python is None:
             sys.exit("llm-compressor is not available")
     start_load = os.getloadavg()
@@ -235,9 +239,9 @@ def main() -> None:
     else:
         print(f"method sparsegpt 50%, lm_head excluded, {SAMPLES} x {SEQ_LEN} calibration tokens on both; "
               f"llm-compressor: {python}", flush=True)
-        print("| layers | weights MB | our peak MB | their peak MB | ours/theirs | our RSS before | their RSS before "
-              "| our prune s | their prune s | our sparsity | their sparsity | lm_head sparsity (ours / theirs) "
-              "| load (1 min) |")
+        print("| layers | weights MB | our peak MB | their peak MB | ours/theirs | RSS after imports (ours / theirs) "
+              "| peak over imports (ours / theirs) | our prune s | their prune s | our sparsity | their sparsity "
+              "| lm_head sparsity (ours / theirs) | load (1 min) |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -254,13 +258,17 @@ def main() -> None:
                       f"{row['peak_rss_mb'] - row['peak_rss_mb_before']:.0f} | {row['prune_seconds']:.1f} | "
                       f"{row['sparsity']:.3f} |", flush=True)
             else:
+                print(f"secateurs, {layers} layers: peak {row['peak_rss_mb']:.0f} MB, {row['prune_seconds']:.1f} s; "
+                      "llm-compressor next", file=sys.stderr, flush=True)
                 ref = run_llmc(python, layers, folder, args.llmc_timeout)
                 if ref is not None:
                     ref["load"] = os.getloadavg()[0]
                 row["llmcompressor"] = ref
                 ratio = "n/a" if ref is None else f"{row['peak_rss_mb'] / ref['peak_rss_mb']:.2f}"
                 print(f"| {layers} | {row['weights_mb']:.0f} | {row['peak_rss_mb']:.0f} | {field(ref, 'peak_rss_mb', '.0f')} | "
-                      f"{ratio} | {row['rss_mb_before']:.0f} | {field(ref, 'rss_mb_before', '.0f')} | "
+                      f"{ratio} | {row['rss_mb_imports']:.0f} / {field(ref, 'rss_mb_imports', '.0f')} | "
+                      f"{row['peak_rss_mb'] - row['rss_mb_imports']:.0f} / "
+                      f"{'n/a' if ref is None else format(ref['peak_rss_mb'] - ref['rss_mb_imports'], '.0f')} | "
                       f"{row['prune_seconds']:.1f} | {field(ref, 'prune_seconds', '.1f')} | {row['block_sparsity']:.3f} | "
                       f"{field(ref, 'block_sparsity', '.3f')} | {row['lm_head_sparsity']:.3f} / {field(ref, 'lm_head_sparsity', '.3f')} | "
                       f"{load:.1f} / {field(ref, 'load', '.1f')} |", flush=True)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from secateurs._memory import bounded_heap
 from secateurs.errors import SecateursError, check, check_choice, check_fraction, check_int
 from secateurs.prune.calibration.capture import (
     Batch,
@@ -208,7 +209,7 @@ def _oneshot(
         batches = make_batches(calibration, offload)
 
     result = OneshotResult(method, None if nm is None else f"{nm[0]}:{nm[1]}", group)
-    with _calibrating(model):
+    with _calibrating(model), bounded_heap():  # freed tensors leave the resident set at once
         per_layer = {t.name: target_sparsity for t in chosen}
         units = None
         if batches is not None and group != "global":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -190,3 +192,58 @@ def test_the_result_is_an_ordinary_model_that_fine_tunes_with_a_pruner_and_saves
     again = Chain()
     prune.load(tmp_path / "m.safetensors", again)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
+
+
+class Twice(nn.Module):
+    """``shared`` reads two inputs in one forward (its input, then its own output)."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.shared = nn.Linear(width, width)
+        self.after = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.after(self.shared(self.shared(x)))
+
+
+def _record_first_group(module: nn.Module, batches: list[torch.Tensor]) -> tuple[object, list[int]]:
+    from secateurs.prune.calibration.stats import Recorder, StopForward
+    from secateurs.prune.masks import find_targets
+
+    first = next(iter(module.children()))
+    ran: list[int] = []
+    handle = first.register_forward_hook(lambda m, args, out: ran.append(1))
+    recorder = Recorder(find_targets(module), hessian=True, one_group=True)
+    with recorder.record():
+        for x in batches:
+            with contextlib.suppress(StopForward):
+                module(x)
+            recorder.freeze()
+    handle.remove()
+    return recorder, ran
+
+
+def test_after_the_first_batch_a_group_pass_ends_before_the_group_runs() -> None:
+    torch.manual_seed(0)
+    block = Block(8)
+    batches = [torch.randn(5, 8) for _ in range(3)]
+    recorder, ran = _record_first_group(block, batches)
+    (name,) = recorder.group
+    assert name.startswith("up")
+    assert len(ran) == 1  # `up` ran on the first batch only, which found where the group ends
+    x = torch.cat(batches)
+    torch.testing.assert_close(recorder.stats[name].hessian, x.T @ x)
+
+
+def test_a_layer_that_reads_two_inputs_per_forward_is_recorded_on_both_in_every_batch() -> None:
+    torch.manual_seed(0)
+    model = Twice()
+    batches = [torch.randn(5, 8) for _ in range(3)]
+    recorder, ran = _record_first_group(model, batches)
+    (name,) = recorder.group
+    assert name.startswith("shared")
+    assert len(ran) == 2 + 1 * 2  # both calls on the first batch, the first call on the others
+    with torch.no_grad():
+        x = torch.cat(batches)
+        y = model.shared(x)
+    torch.testing.assert_close(recorder.stats[name].hessian, x.T @ x + y.T @ y)

@@ -256,38 +256,42 @@ def _sparsegpt(
     starts = {s: e for s, e in groups} if groups else {}
     for i1, i2 in _blocks(columns, block_size, groups):
         count = i2 - i1
-        w1 = w[:, i1:i2].clone()
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
+        # The block transposed: column i of the block is the contiguous row w1[i], so the
+        # column-by-column loop below touches contiguous memory and takes three tensor ops.
+        w1 = w[:, i1:i2].T.contiguous()
+        err1 = torch.empty_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         d1 = hinv1.diagonal()
-        pruned = torch.zeros_like(w1, dtype=torch.bool)
-        if pattern is None:
-            score = w1.square() / d1.square().unsqueeze(0)
+        if pattern is None:  # the mask of the whole block, from its weights as they are now
+            score = w1.T.square() / d1.square().unsqueeze(0)  # (rows, count)
+            chosen = torch.zeros(score.shape, dtype=torch.bool)
             if group == "row":
                 k = round(count * sparsity)
                 if k:
-                    pruned.scatter_(1, score.argsort(dim=1, stable=True)[:, :k], True)
+                    chosen.scatter_(1, score.argsort(dim=1, stable=True)[:, :k], True)
             else:
                 k = round(score.numel() * sparsity)
                 if k:
-                    pruned.view(-1)[score.view(-1).argsort(stable=True)[:k]] = True
+                    chosen.view(-1)[score.reshape(-1).argsort(stable=True)[:k]] = True
+            pruned = chosen.T.contiguous()
+        else:  # N:M: each group's mask is chosen when the loop reaches it
+            pruned = torch.zeros_like(w1, dtype=torch.bool)
+        drop_mask = pruned.to(w.dtype)  # (count, rows): 1 where the weight goes
         for i in range(count):
             col = i1 + i
             if pattern is not None and col in starts:
                 stop = starts[col] - i1
                 drop = (stop - i) - pattern[0]
                 if drop > 0:
-                    score = w1[:, i:stop].square() / d1[i:stop].square().unsqueeze(0)
-                    pruned.scatter_(1, i + score.topk(drop, dim=1, largest=False).indices, True)
-            wcol = w1[:, i]
-            d = hinv1[i, i]
-            q = wcol.masked_fill(pruned[:, i], 0.0)
-            q1[:, i] = q
-            e = (wcol - q) / d
-            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1)
-            err1[:, i] = e
-        w[:, i1:i2] = q1
+                    score = w1[i:stop].T.square() / d1[i:stop].square().unsqueeze(0)
+                    lowest = score.topk(drop, dim=1, largest=False).indices  # (rows, drop)
+                    pruned.T.scatter_(1, i + lowest, True)
+                    drop_mask[i:stop] = pruned[i:stop]
+            # e = (w - q) / d with q the column with its pruned weights zeroed: the removed
+            # weights over d, then spread over the block's later columns (the OBS update).
+            e = torch.mul(w1[i], drop_mask[i], out=err1[i]).div_(d1[i])
+            w1[i:].addr_(hinv1[i, i:], e, alpha=-1)
+        w[:, i1:i2] = w1.T.masked_fill(pruned.T, 0.0)  # a kept column is as the loop left it
         if i2 < columns:
-            w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+            w[:, i2:] -= err1.T @ hinv[i1:i2, i2:]
     return w, inverse

@@ -169,8 +169,11 @@ class Recorder:
         """Record only the first *group* a forward reaches: the first target and those that read
         the very same input tensor (q, k and v; gate and up; a conv and its shortcut), then end
         the forward (:class:`StopForward`) at the first other target. After :meth:`freeze`
-        (the first batch) the group is fixed."""
+        (the first batch) the group is fixed, and later batches end the forward as soon as every
+        member has read its input as often as in the first batch, before the group itself runs."""
         self.group: list[str] = []
+        self._calls: dict[str, int] = {}
+        self._expected: dict[str, int] | None = None
         self._source: torch.Tensor | None = None
         self._frozen = False
         self.dense: dict[str, torch.Tensor] | None = None
@@ -180,8 +183,16 @@ class Recorder:
     def freeze(self) -> None:
         """End of a batch: in ``one_group`` mode the group found so far is the group."""
         self._frozen = self._frozen or bool(self.group)
+        if self._frozen and self._expected is None:
+            self._expected = dict(self._calls)
+        self._calls = {}
         self._source = None
         self._last = None
+
+    def _complete(self) -> bool:
+        """Whether this batch has reached every member of the frozen group as often as the first."""
+        expected = self._expected
+        return expected is not None and all(self._calls.get(n, 0) >= k for n, k in expected.items())
 
     def _admit(self, name: str, x: torch.Tensor) -> None:
         """In ``one_group`` mode: whether ``name`` belongs to the group, else stop the forward."""
@@ -193,6 +204,39 @@ class Recorder:
             self._source = x
         self.group.append(name)
 
+    def _add(self, target: Target, module: nn.Module, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            stats = self.stats.get(target.name)
+            last = self._last
+            linear = isinstance(module, nn.Linear)
+            if linear and last is not None and last[0] is x and last[1] == module.in_features:
+                # the layer before read this very tensor (q, k and v; gate and up): share its sums
+                if stats is None:
+                    self.stats[target.name] = last[2]
+                    return
+                if stats is last[2]:
+                    return
+            source = x
+            x = x.detach()
+            valid = self.valid
+            padded = valid is not None and tuple(x.shape[:-1]) == tuple(valid.shape)
+            dense = None if self.dense is None else self.dense.get(target.name)
+            if isinstance(module, nn.Linear) and padded:
+                assert valid is not None
+                x = x[valid.to(x.device)]
+                if dense is not None:
+                    dense = dense[valid.to(dense.device)]
+            rows = input_rows(module, x)
+            if stats is None:
+                stats = self.stats[target.name] = InputStats(
+                    rows.shape[1], hessian=self._hessian, absolute=self._absolute, device=rows.device
+                )
+            stats.add(rows)
+            if dense is not None:
+                stats.add_cross(rows, input_rows(module, dense.detach()))
+            if linear:
+                self._last = (source, module.in_features, stats)
+
     def _hook(self, target: Target) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args else kwargs.get("input")
@@ -200,37 +244,10 @@ class Recorder:
                 return
             if self.one_group:
                 self._admit(target.name, x)
-            with torch.no_grad():
-                stats = self.stats.get(target.name)
-                last = self._last
-                linear = isinstance(module, nn.Linear)
-                if linear and last is not None and last[0] is x and last[1] == module.in_features:
-                    # the layer before read this very tensor (q, k and v; gate and up): share its sums
-                    if stats is None:
-                        self.stats[target.name] = last[2]
-                        return
-                    if stats is last[2]:
-                        return
-                source = x
-                x = x.detach()
-                valid = self.valid
-                padded = valid is not None and tuple(x.shape[:-1]) == tuple(valid.shape)
-                dense = None if self.dense is None else self.dense.get(target.name)
-                if isinstance(module, nn.Linear) and padded:
-                    assert valid is not None
-                    x = x[valid.to(x.device)]
-                    if dense is not None:
-                        dense = dense[valid.to(dense.device)]
-                rows = input_rows(module, x)
-                if stats is None:
-                    stats = self.stats[target.name] = InputStats(
-                        rows.shape[1], hessian=self._hessian, absolute=self._absolute, device=rows.device
-                    )
-                stats.add(rows)
-                if dense is not None:
-                    stats.add_cross(rows, input_rows(module, dense.detach()))
-                if linear:
-                    self._last = (source, module.in_features, stats)
+                self._calls[target.name] = self._calls.get(target.name, 0) + 1
+            self._add(target, module, x)
+            if self.one_group and self._complete():
+                raise StopForward  # the rest of the forward would only run the group and after
 
         return hook
 

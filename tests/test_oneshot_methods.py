@@ -257,6 +257,20 @@ def test_owl_sparsities_follow_the_published_formula() -> None:
         assert layer.sparsity == pytest.approx(layer.target, abs=1 / 16)
 
 
+def test_owl_keeps_the_target_for_the_whole_model_when_layers_differ_in_size() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    with torch.no_grad():
+        model[2].weight[:, :3] *= 8  # more outliers in the middle layer
+    result = prune.oneshot(model, [torch.randn(128, 64)], method="wanda", sparsity=0.7, owl=prune.OWL(m=3, lam=0.1))
+    targets = [layer.target for layer in result.layers]
+    assert max(targets) - min(targets) == pytest.approx(0.2)  # the published spread
+    weights = [model[i].weight for i in (0, 2, 4)]
+    expected = sum(t * w.numel() for t, w in zip(targets, weights, strict=True)) / sum(w.numel() for w in weights)
+    assert expected == pytest.approx(0.7)  # the small head does not stand in for the rest
+    assert result.sparsity == pytest.approx(0.7, abs=1e-3)
+
+
 def test_sparsities_by_hand_take_precedence() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))

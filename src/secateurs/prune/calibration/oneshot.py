@@ -218,7 +218,9 @@ def _oneshot(
             assert batches is not None and units is not None
             stats = _dense_stats(model, chosen, batches)
             ratios = [_unit_ratio(u, stats, owl_config.m) for u in units]
-            for unit, s in zip(units, owl_sparsities(ratios, target_sparsity, owl_config.lam), strict=True):
+            sizes = [sum(t.param.numel() for t in u.targets) for u in units]
+            chosen_sparsities = owl_sparsities(ratios, target_sparsity, owl_config.lam, sizes)
+            for unit, s in zip(units, chosen_sparsities, strict=True):
                 for t in unit.targets:
                     per_layer[t.name] = s
         per_layer.update(_by_hand(chosen, sparsities or {}))

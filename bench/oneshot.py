@@ -226,7 +226,7 @@ kw = dict(sparsity=opts["sparsity"] if opts["sparsity"] is not None else 0.5, ta
 if opts["pattern"]:
     kw["mask_structure"] = opts["pattern"]
 if opts["owl"]:
-    kw["sparsity_profile"] = "owl"
+    kw.update(sparsity_profile="owl", owl_m=5, owl_lmbda=0.08)  # secateurs' prune.OWL() defaults
 recipe = SparseGPTModifier(**kw) if opts["method"] == "sparsegpt" else WandaPruningModifier(**kw)
 loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 started = time.perf_counter()

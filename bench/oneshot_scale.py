@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -30,23 +29,14 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from oneshot import llmc_python, peak_rss_mb, rss_mb  # noqa: E402 (bench/oneshot.py: stdlib only at import)
+
 SHAPE = {"hidden_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 4, "intermediate_size": 2816,
          "vocab_size": 2048, "max_position_embeddings": 256}
 SAMPLES, SEQ_LEN, BATCH = 16, 128, 4
 BLOCK_LINEAR = re.compile(r"^model\.layers\.\d+\..+_proj\.weight$")
 """The Linear weights inside the decoder blocks (attention and MLP projections)."""
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def status_mb(field: str) -> float:
-    """A memory field of this process from /proc/self/status (``VmRSS``: resident now)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(field)
 
 
 def config(layers: int):  # type: ignore[no-untyped-def]
@@ -120,13 +110,13 @@ def prune_one(layers: int, folder: Path, method: str) -> dict:
     data = [{"input_ids": batch} for batch in ids.split(BATCH)]
     with prune.calibration.empty_weights():
         model = transformers.LlamaForCausalLM(config(layers)).eval()
-    before, rss_before = peak_mb(), status_mb("VmRSS")
+    before, rss_before = peak_rss_mb(), rss_mb()
     path = folder / "model.safetensors"
     out = folder.parent / f"pruned-{layers}.safetensors"
     started = time.perf_counter()
     result = prune.calibration.oneshot_streamed(model, path, out, data, method=method, sparsity=0.5, exclude=["lm_head"])
     seconds = time.perf_counter() - started
-    peak = peak_mb()
+    peak = peak_rss_mb()
     with safe_open(str(out), "pt") as f:
         measured = sparsity_of((k, f.get_tensor(k)) for k in f.keys())  # noqa: SIM118 (a safe_open handle is not iterable)
     hidden = SAMPLES * SEQ_LEN * SHAPE["hidden_size"] * 4
@@ -148,19 +138,19 @@ def prune_llmc(layers: int, folder: Path) -> dict:
 
     torch.manual_seed(0)
     ids = load_file(str(folder.parent / "calibration.safetensors"))["input_ids"]
-    rss_imports = status_mb("VmRSS")
+    rss_imports = rss_mb()
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     # "re:.*lm_head", as llm-compressor's docs write it: with targets=["Linear"] it names the
     # head "lm_head." (trailing dot), so a plain ignore=["lm_head"] does not match and the head
     # is pruned (seen with llm-compressor 0.14: lm_head at 0.500 sparsity).
     recipe = SparseGPTModifier(sparsity=0.5, targets=["Linear"], ignore=["re:.*lm_head"])
-    before, rss_before = peak_mb(), status_mb("VmRSS")
+    before, rss_before = peak_rss_mb(), rss_mb()
     started = time.perf_counter()
     oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=SAMPLES, max_seq_length=SEQ_LEN,
             sequential_targets=["LlamaDecoderLayer"])
     seconds = time.perf_counter() - started
-    peak = peak_mb()
+    peak = peak_rss_mb()
     with torch.no_grad():
         measured = sparsity_of(model.state_dict().items())
     return {"layers": layers, "tool": "llmcompressor", "method": "sparsegpt", "peak_rss_mb": peak,
@@ -224,13 +214,10 @@ def main() -> None:
         return
     python = None
     if args.llmcompressor:
-        sys.path.insert(0, str(HERE))
-        from oneshot import llmc_python  # bench/oneshot.py, as its llm-compressor cell imports it
-
         python = args.llmc_python or llmc_python(args.llmc_timeout)
-        python = None if python is None else python.absolute()  # the cells run in the scratch folder
         if python is None:
             sys.exit("llm-compressor is not available")
+        python = python.absolute()  # the cells run in the scratch folder
     start_load = os.getloadavg()
     print(f"load: {start_load[0]:.2f} (1 min)", flush=True)
     if python is None:

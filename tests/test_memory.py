@@ -8,15 +8,18 @@ import sys
 
 import pytest
 
-_PROBE = r"""
-import json, torch
-from secateurs._memory import release_freed_memory
-
+_RSS = r"""
 def rss():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS"):
             return int(line.split()[1]) / 1024
+"""
+"""Resident memory now, in MB: the probes' reading."""
 
+_PROBE = r"""
+import json, torch
+from secateurs._memory import release_freed_memory
+""" + _RSS + r"""
 start = rss()
 chunks = [torch.ones(16 * 1024) for _ in range(4000)]  # 4,000 tensors of 64 KiB: heap blocks
 last = chunks[-1]  # the newest block stays, so free() cannot shrink the heap from its top
@@ -36,16 +39,10 @@ def test_freed_tensors_leave_the_resident_set_once_released() -> None:
     assert row["after"] - row["start"] < 50  # handed back
 
 
-
 _HEAP_PROBE = r"""
 import contextlib, json, sys, torch
 from secateurs._memory import bounded_heap
-
-def rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1024
-
+""" + _RSS + r"""
 # Freeing one 16 MiB block raises glibc's mmap threshold past 256 KiB: from then on the blocks
 # below come from the heap, where a freed block stays resident.
 big = torch.ones(4 * 1024 * 1024)

@@ -174,16 +174,15 @@ class Recorder:
         self.group: list[str] = []
         self._calls: dict[str, int] = {}
         self._expected: dict[str, int] | None = None
+        """Calls per member in the first batch, set when the group is fixed (None until then)."""
         self._source: torch.Tensor | None = None
-        self._frozen = False
         self.dense: dict[str, torch.Tensor] | None = None
         """The current batch's inputs of the targets in the dense model (target name -> tensor),
         set by whoever runs the batches: targets found there also sum ``X^T X_dense``."""
 
     def freeze(self) -> None:
         """End of a batch: in ``one_group`` mode the group found so far is the group."""
-        self._frozen = self._frozen or bool(self.group)
-        if self._frozen and self._expected is None:
+        if self._expected is None and self.group:
             self._expected = dict(self._calls)
         self._calls = {}
         self._source = None
@@ -198,7 +197,7 @@ class Recorder:
         """In ``one_group`` mode: whether ``name`` belongs to the group, else stop the forward."""
         if name in self.group:
             return
-        if self._frozen or (self._source is not None and x is not self._source):
+        if self._expected is not None or (self._source is not None and x is not self._source):
             raise StopForward
         if self._source is None:
             self._source = x

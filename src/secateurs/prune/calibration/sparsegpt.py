@@ -162,11 +162,10 @@ def sparsegpt(
     and ``refine`` (conjugate-gradient iterations on the fixed mask) are the module's two
     options beyond the paper.
     """
-    with _one_thread(weight.device):
-        w = weight.to(torch.float32)  # never written: _sparsegpt works on its own copy
-        if cross is not None:
-            w = dense_target(w, hessian, cross, damping, name=name)
-        pruned, inverse = _sparsegpt(w, hessian, sparsity, pattern, group, damping, block_size, run, name)
+    w = weight.to(torch.float32)  # never written: _sparsegpt works on its own copy
+    if cross is not None:
+        w = dense_target(w, hessian, cross, damping, name=name)
+    pruned, inverse = _sparsegpt(w, hessian, sparsity, pattern, group, damping, block_size, run, name)
     if refine:
         pruned = refine_kept(pruned, w, hessian, inverse.damping, iterations=refine)
     return pruned, inverse
@@ -218,9 +217,8 @@ def refine_kept(pruned: torch.Tensor, weight: torch.Tensor, hessian: torch.Tenso
     w0 = weight.to(torch.float32)
     x = pruned.to(torch.float32, copy=True)
     keep = x != 0
-    target = w0 @ h
     diag = h.diagonal().clamp(min=torch.finfo(torch.float32).tiny)
-    r = (target - x @ h) * keep
+    r = ((w0 - x) @ h).mul_(keep)  # the negative gradient, on the kept weights only
     z = r / diag
     p = z.clone()
     rz = (r * z).sum(1)
@@ -277,20 +275,21 @@ def _sparsegpt(
         else:  # N:M: each group's mask is chosen when the loop reaches it
             pruned = torch.zeros_like(w1, dtype=torch.bool)
         drop_mask = pruned.to(w.dtype)  # (count, rows): 1 where the weight goes
-        for i in range(count):
-            col = i1 + i
-            if pattern is not None and col in starts:
-                stop = starts[col] - i1
-                drop = (stop - i) - pattern[0]
-                if drop > 0:
-                    score = w1[i:stop].T.square() / d1[i:stop].square().unsqueeze(0)
-                    lowest = score.topk(drop, dim=1, largest=False).indices  # (rows, drop)
-                    pruned.T.scatter_(1, i + lowest, True)
-                    drop_mask[i:stop] = pruned[i:stop]
-            # e = (w - q) / d with q the column with its pruned weights zeroed: the removed
-            # weights over d, then spread over the block's later columns (the OBS update).
-            e = torch.mul(w1[i], drop_mask[i], out=err1[i]).div_(d1[i])
-            w1[i:].addr_(hinv1[i, i:], e, alpha=-1)
+        with _one_thread(w.device):  # the factorisation and the lazy updates keep every thread
+            for i in range(count):
+                col = i1 + i
+                if pattern is not None and col in starts:
+                    stop = starts[col] - i1
+                    drop = (stop - i) - pattern[0]
+                    if drop > 0:
+                        score = w1[i:stop].T.square() / d1[i:stop].square().unsqueeze(0)
+                        lowest = score.topk(drop, dim=1, largest=False).indices  # (rows, drop)
+                        pruned.T.scatter_(1, i + lowest, True)
+                        drop_mask[i:stop] = pruned[i:stop]
+                # e = (w - q) / d with q the column with its pruned weights zeroed: the removed
+                # weights over d, then spread over the block's later columns (the OBS update).
+                e = torch.mul(w1[i], drop_mask[i], out=err1[i]).div_(d1[i])
+                w1[i:].addr_(hinv1[i, i:], e, alpha=-1)
         w[:, i1:i2] = w1.T.masked_fill(pruned.T, 0.0)  # a kept column is as the loop left it
         if i2 < columns:
             w[:, i2:] -= err1.T @ hinv[i1:i2, i2:]

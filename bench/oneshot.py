@@ -22,6 +22,7 @@ import json
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -302,6 +303,16 @@ def cell_in_subprocess(cell: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def median_row(runs: list[dict]) -> dict:
+    """The first run's row with the median of each figure over ``runs``."""
+    row = dict(runs[0])
+    for key in ("cosine", "knn10", "prune_seconds", "peak_rss_mb", "rss_mb_imports"):
+        if key in row:
+            row[key] = statistics.median(run[key] for run in runs)
+    row["runs"] = len(runs)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cell", help=argparse.SUPPRESS)
@@ -310,30 +321,39 @@ def main() -> None:
     parser.add_argument("--llmc-timeout", type=float, default=1500.0, help="seconds allowed per llm-compressor cell")
     parser.add_argument("--llmc-python", type=Path, help="a python that imports llmcompressor (instead of bench/out/llmc-venv)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each cell (secateurs and llm-compressor taking turns); the table gives "
+                             "the median time and peak memory")
     parser.add_argument("--split", choices=("evaluation", "validation"), default=SPLIT,
                         help="held-out texts measured: the 1,000 evaluation texts (default), or the ~870 "
                              "validation texts after them, for choosing between variants")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
     os.environ["ONESHOT_SPLIT"] = args.split
     if args.cell:
         print(json.dumps(run_cell_secateurs(args.cell)))
         return
     python = (args.llmc_python or llmc_python(args.llmc_timeout)) if args.llmcompressor else None
     rows = []
-    print(f"load: {os.getloadavg()[0]:.2f} (1 min)", flush=True)
+    print(f"load: {os.getloadavg()[0]:.2f} (1 min); figures are medians of {args.repeat} run(s)", flush=True)
     print("| cell | cosine | kNN@10 | prune s | peak RSS MB (over imports) | llm-compressor cosine | its prune s "
           "| its peak RSS MB (over imports) | time ratio | peak ratio (over imports) | load |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     refs: dict[str, dict | None] = {}
     for cell in args.only or CELLS:
         load = os.getloadavg()[0]
-        row = cell_in_subprocess(cell)
-        ref = None
-        if python is not None and cell != "dense" and not cell.startswith("magnitude"):
-            base = reference_cell(cell)
-            if base not in refs:  # a :refine cell shares its plain cell's llm-compressor run
-                refs[base] = run_cell_llmc(python, base, args.llmc_timeout)
-            ref = refs[base]
+        compare = python is not None and cell != "dense" and not cell.startswith("magnitude")
+        base = reference_cell(cell)
+        runs, ref_runs = [], []
+        for _ in range(args.repeat):  # taking turns, so a change of load falls on both
+            runs.append(cell_in_subprocess(cell))
+            if compare and base not in refs:  # a :refine cell shares its plain cell's llm-compressor runs
+                ref_runs.append(run_cell_llmc(python, base, args.llmc_timeout))
+        if compare and base not in refs:
+            refs[base] = None if None in ref_runs else median_row(ref_runs)
+        row = median_row(runs)
+        ref = refs.get(base) if compare else None
         row["llmcompressor"] = ref
         row["load"] = load
         rows.append(row)

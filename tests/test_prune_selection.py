@@ -10,7 +10,7 @@ from torch import nn
 
 from secateurs.errors import SecateursError
 from secateurs.prune import Pruner, selection
-from secateurs.prune.selection import nm_keep, parse_pattern, prune_lowest_
+from secateurs.prune.selection import lowest, nm_keep, parse_pattern, prune_lowest_
 
 
 def reference_keep(scores: list[torch.Tensor], k: int) -> torch.Tensor:
@@ -43,6 +43,26 @@ def test_global_selection_equals_sorting_all_scores(shapes, dtype, ties, fractio
     ]
     k = int(fraction * sum(s.numel() for s in scores))
     assert torch.equal(select(scores, k, signed=True), reference_keep(scores, k))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 12), cols=st.integers(1, 40), ties=st.booleans(), fraction=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16), whole=st.booleans(),
+)
+def test_lowest_is_a_stable_sorts_first_k(rows, cols, ties, fraction, seed, whole):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 3, (rows, cols), generator=g).float() if ties else torch.randn(rows, cols, generator=g)
+    if whole:
+        k = int(fraction * scores.numel())
+        expected = torch.zeros(scores.numel(), dtype=torch.bool)
+        expected[scores.reshape(-1).argsort(stable=True)[:k]] = True
+        assert torch.equal(lowest(scores, k), expected.view(rows, cols))
+    else:
+        k = int(fraction * cols)
+        expected = torch.zeros(rows, cols, dtype=torch.bool).scatter_(1, scores.argsort(dim=1, stable=True)[:, :k], True)
+        assert torch.equal(lowest(scores, k, dim=1), expected)
+        assert torch.equal(lowest(scores.T, k, dim=0), expected.T)
 
 
 def test_selection_of_non_negative_scores_needs_no_sign_handling():

@@ -10,6 +10,9 @@ Two selections, both writing bool keep-masks in place:
   tenths of a second and a few MB beyond the masks. Ties are broken like a stable sort of all
   scores in model order: the earlier weight is pruned first. The passes run on one intra-op
   thread (see :func:`_one_thread`).
+- :func:`lowest` marks the ``k`` lowest scores of one tensor (or of each of its rows) with
+  :func:`torch.kthvalue` and the same tie-breaking, in linear time: a stable sort's first
+  ``k``, without the sort.
 - :func:`nm_keep` keeps the ``N`` highest scores in every block of ``M`` consecutive weights
   along the input dimension (dim 1), the layout sparse tensor cores accelerate for 2:4.
 """
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 
 from secateurs.errors import SecateursError
 
-__all__ = ["CHUNK", "ScoreFn", "nm_keep", "parse_pattern", "prune_lowest_"]
+__all__ = ["CHUNK", "ScoreFn", "lowest", "nm_keep", "parse_pattern", "prune_lowest_"]
 
 CHUNK = 1 << 18
 """Scores are computed, histogrammed and compared this many at a time."""
@@ -198,6 +201,30 @@ def _prune_lowest(
             out[ties] = False
             ties_to_prune -= ties.numel()
     return k
+
+
+@torch.no_grad()
+def lowest(scores: torch.Tensor, k: int, *, dim: int | None = None) -> torch.Tensor:
+    """Bool mask of the ``k`` lowest scores of ``scores`` (``dim=None``) or of every slice along
+    ``dim``; ties go to the earlier index, so the mask is that of ``argsort(stable=True)[:k]``.
+
+    >>> lowest(torch.tensor([[3.0, 1.0, 1.0, 4.0], [2.0, 2.0, 2.0, 0.0]]), 2, dim=1)
+    tensor([[False,  True,  True, False],
+            [ True, False, False,  True]])
+    """
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if dim is None:
+        return lowest(scores.reshape(1, -1), k, dim=1).view(scores.shape)
+    x = scores.movedim(dim, -1)
+    if k >= x.shape[-1]:
+        return torch.ones_like(scores, dtype=torch.bool)
+    kth = x.kthvalue(k, dim=-1, keepdim=True).values
+    below = x < kth
+    ties = x == kth
+    room = k - below.sum(-1, keepdim=True)  # how many of the ties at the k-th value are taken
+    mask = below | (ties & (ties.cumsum(-1) <= room))
+    return mask.movedim(-1, dim)
 
 
 @torch.no_grad()

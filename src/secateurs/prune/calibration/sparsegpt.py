@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from secateurs.errors import SecateursError
+from secateurs.prune.selection import lowest
 
 __all__ = ["InverseHessian", "inverse_hessian", "refine_kept", "sparsegpt"]
 
@@ -262,15 +263,10 @@ def _sparsegpt(
         d1 = hinv1.diagonal()
         if pattern is None:  # the mask of the whole block, from its weights as they are now
             score = w1.T.square() / d1.square().unsqueeze(0)  # (rows, count)
-            chosen = torch.zeros(score.shape, dtype=torch.bool)
             if group == "row":
-                k = round(count * sparsity)
-                if k:
-                    chosen.scatter_(1, score.argsort(dim=1, stable=True)[:, :k], True)
+                chosen = lowest(score, round(count * sparsity), dim=1)
             else:
-                k = round(score.numel() * sparsity)
-                if k:
-                    chosen.view(-1)[score.reshape(-1).argsort(stable=True)[:k]] = True
+                chosen = lowest(score, round(score.numel() * sparsity))
             pruned = chosen.T.contiguous()
         else:  # N:M: each group's mask is chosen when the loop reaches it
             pruned = torch.zeros_like(w1, dtype=torch.bool)
@@ -283,8 +279,8 @@ def _sparsegpt(
                     drop = (stop - i) - pattern[0]
                     if drop > 0:
                         score = w1[i:stop].T.square() / d1[i:stop].square().unsqueeze(0)
-                        lowest = score.topk(drop, dim=1, largest=False).indices  # (rows, drop)
-                        pruned.T.scatter_(1, i + lowest, True)
+                        dropped = score.topk(drop, dim=1, largest=False).indices  # (rows, drop)
+                        pruned.T.scatter_(1, i + dropped, True)
                         drop_mask[i:stop] = pruned[i:stop]
                 # e = (w - q) / d with q the column with its pruned weights zeroed: the removed
                 # weights over d, then spread over the block's later columns (the OBS update).

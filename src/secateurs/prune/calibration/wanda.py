@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from secateurs.prune.calibration.stats import InputStats
-from secateurs.prune.selection import nm_keep, prune_lowest_
+from secateurs.prune.selection import lowest, nm_keep, prune_lowest_
 
 __all__ = ["SCORED_METHODS", "keep_mask", "scores"]
 
@@ -63,12 +63,9 @@ def keep_mask(
         run = run or columns
         cut = score.reshape(rows * (columns // run), run)
         return nm_keep(cut, *pattern).reshape(rows, columns)
-    keep = torch.ones_like(score, dtype=torch.bool)
     if group == "row":
-        k = round(columns * sparsity)
-        if k:
-            keep.scatter_(1, score.argsort(dim=1, stable=True)[:, :k], False)
-        return keep
+        return ~lowest(score, round(columns * sparsity), dim=1)
+    keep = torch.ones_like(score, dtype=torch.bool)
     flat = score.reshape(-1)
     prune_lowest_([keep.view(-1)], lambda i, a, b: flat[a:b], round(flat.numel() * sparsity), keep_pruned=False)
     return keep

@@ -345,12 +345,13 @@ def main() -> None:
         load = os.getloadavg()[0]
         compare = python is not None and cell != "dense" and not cell.startswith("magnitude")
         base = reference_cell(cell)
+        measure_ref = compare and base not in refs  # a :refine cell shares its plain cell's llm-compressor runs
         runs, ref_runs = [], []
         for _ in range(args.repeat):  # taking turns, so a change of load falls on both
             runs.append(cell_in_subprocess(cell))
-            if compare and base not in refs:  # a :refine cell shares its plain cell's llm-compressor runs
+            if measure_ref:
                 ref_runs.append(run_cell_llmc(python, base, args.llmc_timeout))
-        if compare and base not in refs:
+        if measure_ref:
             refs[base] = None if None in ref_runs else median_row(ref_runs)
         row = median_row(runs)
         ref = refs.get(base) if compare else None

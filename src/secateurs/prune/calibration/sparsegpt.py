@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from secateurs.errors import SecateursError
-from secateurs.prune.selection import lowest
+from secateurs.prune.calibration.wanda import keep_mask
 
 __all__ = ["InverseHessian", "inverse_hessian", "refine_kept", "sparsegpt"]
 
@@ -263,11 +263,7 @@ def _sparsegpt(
         d1 = hinv1.diagonal()
         if pattern is None:  # the mask of the whole block, from its weights as they are now
             score = w1.T.square() / d1.square().unsqueeze(0)  # (rows, count)
-            if group == "row":
-                chosen = lowest(score, round(count * sparsity), dim=1)
-            else:
-                chosen = lowest(score, round(score.numel() * sparsity))
-            pruned = chosen.T.contiguous()
+            pruned = (~keep_mask(score, sparsity=sparsity, group=group)).T.contiguous()
         else:  # N:M: each group's mask is chosen when the loop reaches it
             pruned = torch.zeros_like(w1, dtype=torch.bool)
         drop_mask = pruned.to(w.dtype)  # (count, rows): 1 where the weight goes
